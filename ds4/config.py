@@ -1,0 +1,325 @@
+"""The model configuration: every `deepseek4.*` metadata key, read and validated in one place.
+
+DS4 Flash has one fixed architecture. Its *dimensions* (layers, widths, experts, vocab, window,
+indexer sizes) come from the metadata, so smaller files of the same layout load through the same
+code; its *constants* (RoPE/YaRN parameters, expert scale, epsilons, SwiGLU clamp, the per-layer
+compression pattern, one KV head, one shared expert, 4 HC streams with 20 Sinkhorn iterations)
+must equal the published model's, as ds4.c requires. The synthetic writer writes metadata from
+the same key table, so reader and writer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ds4.errors import GGUFError
+from ds4.gguf import FLOAT_TYPES, INTEGER_TYPES, GGUFFile, ValueType, type_name
+
+ARCH = "deepseek4"
+
+FP8_BLOCK = 64  # the non-RoPE part of every KV row is FP8 round-tripped in blocks of 64
+
+
+def layer_compress_ratio(il: int) -> int:
+    """KV compression ratio of layer `il`: 0 (sliding window only) for layers 0-1, then 4 for even
+    layers (with the lightning indexer) and 128 for odd layers."""
+    if il < 2:
+        return 0
+    return 4 if il % 2 == 0 else 128
+
+
+@dataclass(frozen=True)
+class Key:
+    """One metadata key: its field name, GGUF key, value kind and (for constants) required value."""
+
+    field: str
+    key: str
+    kind: str  # "u32", "u64" (u32 or u64), "f32" (any number), "bool", "i32[]", "f32[]"
+    fixed: float | int | bool | None = None  # the DS4 Flash value the key must have
+    optional: bool = False
+
+
+KEYS: tuple[Key, ...] = (
+    # Dimensions: free, checked for consistency.
+    Key("n_layer", f"{ARCH}.block_count", "u32"),
+    Key("n_embd", f"{ARCH}.embedding_length", "u32"),
+    Key("n_vocab", f"{ARCH}.vocab_size", "u32"),
+    Key("n_head", f"{ARCH}.attention.head_count", "u32"),
+    Key("head_dim", f"{ARCH}.attention.key_length", "u32"),
+    Key("value_dim", f"{ARCH}.attention.value_length", "u32"),
+    Key("n_rot", f"{ARCH}.rope.dimension_count", "u32"),
+    Key("q_lora_rank", f"{ARCH}.attention.q_lora_rank", "u32"),
+    Key("o_lora_rank", f"{ARCH}.attention.output_lora_rank", "u32"),
+    Key("n_out_group", f"{ARCH}.attention.output_group_count", "u32"),
+    Key("n_expert", f"{ARCH}.expert_count", "u32"),
+    Key("n_expert_used", f"{ARCH}.expert_used_count", "u32"),
+    Key("n_ff_exp", f"{ARCH}.expert_feed_forward_length", "u32"),
+    Key("n_hash_layer", f"{ARCH}.hash_layer_count", "u32"),
+    Key("n_swa", f"{ARCH}.attention.sliding_window", "u32"),
+    Key("n_indexer_head", f"{ARCH}.attention.indexer.head_count", "u32"),
+    Key("indexer_head_dim", f"{ARCH}.attention.indexer.key_length", "u32"),
+    Key("indexer_top_k", f"{ARCH}.attention.indexer.top_k", "u32"),
+    Key("compress_ratios", f"{ARCH}.attention.compress_ratios", "i32[]"),
+    Key("swiglu_clamp", f"{ARCH}.swiglu_clamp_exp", "f32[]", fixed=10.0),
+    # Constants of the architecture.
+    Key("n_head_kv", f"{ARCH}.attention.head_count_kv", "u32", fixed=1),
+    Key("n_expert_shared", f"{ARCH}.expert_shared_count", "u32", fixed=1),
+    Key("n_expert_group", f"{ARCH}.expert_group_count", "u32", fixed=0, optional=True),
+    Key("n_expert_group_used", f"{ARCH}.expert_group_used_count", "u32", fixed=0, optional=True),
+    Key("n_hc", f"{ARCH}.hyper_connection.count", "u32", fixed=4),
+    Key("hc_sinkhorn_iters", f"{ARCH}.hyper_connection.sinkhorn_iterations", "u32", fixed=20),
+    Key("rope_orig_ctx", f"{ARCH}.rope.scaling.original_context_length", "u64", fixed=65536),
+    Key("rope_freq_base", f"{ARCH}.rope.freq_base", "f32", fixed=10000.0),
+    Key("rope_scale_factor", f"{ARCH}.rope.scaling.factor", "f32", fixed=16.0),
+    Key("yarn_beta_fast", f"{ARCH}.rope.scaling.yarn_beta_fast", "f32", fixed=32.0),
+    Key("yarn_beta_slow", f"{ARCH}.rope.scaling.yarn_beta_slow", "f32", fixed=1.0),
+    Key("compress_rope_freq_base", f"{ARCH}.attention.compress_rope_freq_base", "f32", fixed=160000.0),
+    Key("expert_weights_scale", f"{ARCH}.expert_weights_scale", "f32", fixed=1.5),
+    Key("rms_eps", f"{ARCH}.attention.layer_norm_rms_epsilon", "f32", fixed=1e-6),
+    Key("hc_eps", f"{ARCH}.hyper_connection.epsilon", "f32", fixed=1e-6),
+    Key("expert_weights_norm", f"{ARCH}.expert_weights_norm", "bool", fixed=True),
+)
+
+CONTEXT_LENGTH_KEY = f"{ARCH}.context_length"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions and constants of a DS4 Flash model (defaults: the published model)."""
+
+    n_layer: int = 43
+    n_embd: int = 4096
+    n_vocab: int = 129280
+    n_head: int = 64
+    head_dim: int = 512
+    value_dim: int = 512
+    n_rot: int = 64
+    q_lora_rank: int = 1024
+    o_lora_rank: int = 1024
+    n_out_group: int = 8
+    n_expert: int = 256
+    n_expert_used: int = 6
+    n_ff_exp: int = 2048
+    n_hash_layer: int = 3
+    n_swa: int = 128
+    n_indexer_head: int = 64
+    indexer_head_dim: int = 128
+    indexer_top_k: int = 512
+    compress_ratios: tuple[int, ...] = field(default=())
+    swiglu_clamp: tuple[float, ...] = field(default=())
+    n_head_kv: int = 1
+    n_expert_shared: int = 1
+    n_expert_group: int = 0
+    n_expert_group_used: int = 0
+    n_hc: int = 4
+    hc_sinkhorn_iters: int = 20
+    rope_orig_ctx: int = 65536
+    rope_freq_base: float = 10000.0
+    rope_scale_factor: float = 16.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    compress_rope_freq_base: float = 160000.0
+    expert_weights_scale: float = 1.5
+    rms_eps: float = 1e-6
+    hc_eps: float = 1e-6
+    expert_weights_norm: bool = True
+    context_length: int | None = None  # informational only
+
+    def __post_init__(self):
+        # Fill the per-layer arrays from the fixed pattern when not given (writer side).
+        if not self.compress_ratios:
+            object.__setattr__(self, "compress_ratios",
+                               tuple(layer_compress_ratio(i) for i in range(self.n_layer)))
+        if not self.swiglu_clamp:
+            object.__setattr__(self, "swiglu_clamp", (10.0,) * self.n_layer)
+
+    # -- derived sizes -------------------------------------------------------------------------
+
+    @property
+    def hc_dim(self) -> int:
+        return self.n_hc * self.n_embd
+
+    @property
+    def hc_mix(self) -> int:
+        return 2 * self.n_hc + self.n_hc * self.n_hc
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def out_low_dim(self) -> int:
+        return self.n_out_group * self.o_lora_rank
+
+    @property
+    def out_group_in(self) -> int:
+        return self.head_dim * (self.n_head // self.n_out_group)
+
+    def ratio(self, il: int) -> int:
+        return self.compress_ratios[il]
+
+    def is_hash_layer(self, il: int) -> bool:
+        return il < self.n_hash_layer
+
+    # -- KV cache sizes (forward doc §6, layout doc §11.2; all cache rows are float32) -----------
+
+    def kv_bytes_per_token(self) -> float:
+        """Asymptotic compressed-cache bytes per context token (13,760 for DS4 Flash)."""
+        total = 0.0
+        for il in range(self.n_layer):
+            r = self.ratio(il)
+            if r == 4:
+                total += (self.head_dim + self.indexer_head_dim) * 4 / r
+            elif r:
+                total += self.head_dim * 4 / r
+        return total
+
+    def raw_cap(self, ctx: int, prefill_cap: int) -> int:
+        """Rows of the raw sliding-window ring: room for a window plus one prefill chunk."""
+        cap = min(self.n_swa + prefill_cap, ctx)
+        cap = -(-cap // 256) * 256
+        return max(min(cap, 8192), min(self.n_swa, ctx))
+
+    def kv_cache_bytes(self, ctx: int, prefill_cap: int) -> int:
+        """Allocated cache bytes for a context: raw rings plus compressed rows (no scratch)."""
+        raw = self.n_layer * self.raw_cap(ctx, prefill_cap) * self.head_dim * 4
+        comp = 0
+        for il in range(self.n_layer):
+            r = self.ratio(il)
+            if r == 4:
+                comp += (ctx // 4 + 2) * (self.head_dim + self.indexer_head_dim) * 4
+            elif r:
+                comp += (ctx // r + 2) * self.head_dim * 4
+        return raw + comp
+
+    # -- metadata I/O --------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
+        """Read and validate every key; raises GGUFError naming the key and the expected value."""
+        values = {}
+        for k in KEYS:
+            value = _read_key(gguf, k)
+            if value is not None:
+                values[k.field] = value
+        ctx = gguf.fields.get(CONTEXT_LENGTH_KEY)
+        if ctx is not None and ctx.type in INTEGER_TYPES:
+            values["context_length"] = int(gguf.get(CONTEXT_LENGTH_KEY))
+        n_layer = values["n_layer"]
+        for name in ("compress_ratios", "swiglu_clamp"):
+            key = next(k.key for k in KEYS if k.field == name)
+            arr = values[name]
+            if len(arr) < n_layer:
+                raise GGUFError(gguf.path, f"{key} has {len(arr)} entries, shorter than the layer count",
+                                f"at least {n_layer}")
+            # Extra entries are ignored, as ds4.c does (the published file has 44, the last is 0).
+            values[name] = tuple(arr[:n_layer])
+        config = cls(**values)
+        config.validate(gguf.path)
+        return config
+
+    def metadata(self) -> list[tuple[str, str, object]]:
+        """(key, kind, value) for every key, in table order: what the writer puts in a file."""
+        return [(k.key, k.kind, getattr(self, k.field)) for k in KEYS]
+
+    def validate(self, path: str) -> None:
+        """Check constants and the consistency of dimensions (the layout the forward pass assumes)."""
+        for k in KEYS:
+            value = getattr(self, k.field)
+            if k.fixed is None:
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if not _same(v, k.fixed):
+                    short = k.key.removeprefix(f"{ARCH}.")
+                    raise GGUFError(path, f"{k.key} is {_fmt(v)}",
+                                    f"{short}={_fmt(k.fixed)} for DeepSeek4 Flash")
+        for il, r in enumerate(self.compress_ratios):
+            if r != layer_compress_ratio(il):
+                raise GGUFError(path, f"{ARCH}.attention.compress_ratios[{il}] is {r}",
+                                f"{layer_compress_ratio(il)} (DS4 layer pattern)")
+        key = {k.field: k.key for k in KEYS}
+
+        def need(ok: bool, fld: str, what: str) -> None:
+            if not ok:
+                raise GGUFError(path, f"{key[fld]} is {getattr(self, fld)}", what)
+
+        for fld in ("n_layer", "n_embd", "n_vocab", "n_head", "head_dim", "n_rot", "q_lora_rank",
+                    "o_lora_rank", "n_out_group", "n_expert", "n_expert_used", "n_ff_exp", "n_swa",
+                    "n_indexer_head", "indexer_head_dim", "indexer_top_k"):
+            need(getattr(self, fld) > 0, fld, "a positive value")
+        need(self.value_dim == self.head_dim, "value_dim", f"{self.head_dim} (= key_length: K and V share the row)")
+        need(self.n_rot % 2 == 0 and self.n_rot <= self.head_dim, "n_rot",
+             f"an even number <= key_length {self.head_dim}")
+        need((self.head_dim - self.n_rot) % FP8_BLOCK == 0, "n_rot",
+             f"key_length - rope dims a multiple of {FP8_BLOCK} (FP8 blocks)")
+        need(self.n_head % self.n_out_group == 0, "n_out_group", f"a divisor of head_count {self.n_head}")
+        need(self.n_expert_used <= self.n_expert, "n_expert_used", f"at most expert_count {self.n_expert}")
+        ihd = self.indexer_head_dim
+        need(ihd >= 32 and ihd & (ihd - 1) == 0, "indexer_head_dim",
+             "a power of two >= 32 (Hadamard rotation, FP4 blocks of 32)")
+
+
+def _same(value, expected) -> bool:
+    if isinstance(expected, bool):
+        return value is expected or value == expected
+    if isinstance(expected, int):
+        return value == expected
+    # ds4.c's config_expect_f32: relative error 1e-6, scaled by max(1, |expected|).
+    return abs(float(value) - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _read_key(gguf: GGUFFile, k: Key):
+    field_ = gguf.fields.get(k.key)
+    if field_ is None:
+        if k.optional:
+            return None
+        raise GGUFError(gguf.path, f"required metadata key {k.key} is missing", _kind_desc(k.kind))
+    t = field_.type
+    ok = {
+        "u32": t == ValueType.UINT32,
+        "u64": t in (ValueType.UINT32, ValueType.UINT64),
+        "f32": t in FLOAT_TYPES or t in (ValueType.UINT32, ValueType.INT32),
+        "bool": t == ValueType.BOOL,
+        "i32[]": t == ValueType.ARRAY and field_.item_type in (ValueType.INT32, ValueType.UINT32),
+        "f32[]": t == ValueType.ARRAY and field_.item_type in FLOAT_TYPES,
+    }[k.kind]
+    if not ok:
+        got = type_name(t) if t != ValueType.ARRAY else f"array of {type_name(field_.item_type)}"
+        raise GGUFError(gguf.path, f"metadata key {k.key} has type {got}", _kind_desc(k.kind))
+    value = gguf.get(k.key)
+    if k.kind == "i32[]":
+        if np.any(value < 0):
+            raise GGUFError(gguf.path, f"metadata array {k.key} contains a negative value",
+                            "non-negative compression ratios")
+        return tuple(int(x) for x in value)
+    if k.kind == "f32[]":
+        return tuple(float(x) for x in value)
+    if k.kind == "f32":
+        value = float(value)
+        if not math.isfinite(value):
+            raise GGUFError(gguf.path, f"metadata key {k.key} is {value}", "a finite number")
+        return value
+    if k.kind == "bool":
+        return bool(value)
+    return int(value)
+
+
+def _kind_desc(kind: str) -> str:
+    return {
+        "u32": "a uint32 value",
+        "u64": "a uint32 or uint64 value",
+        "f32": "a float (or integer) value",
+        "bool": "a bool value",
+        "i32[]": "an array of int32 or uint32",
+        "f32[]": "an array of float32 or float64",
+    }[kind]

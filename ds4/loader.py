@@ -1,0 +1,109 @@
+"""Opening DS4 model files: base GGUF and MTP GGUF, validated before anything is computed.
+
+Order of checks: container (gguf.py), metadata (config.py), tensor layout (layout.py), tokenizer
+tables. Each failure is one `GGUFError` line naming the file. Opening reads only the header:
+tensor data stays in the memory map until a weight is bound.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from gguf import GGMLQuantizationType as QT
+
+from ds4.config import ARCH, ModelConfig
+from ds4.errors import Ds4Error, GGUFError
+from ds4.gguf import GGUFFile, GGUFTensor, ValueType
+from ds4.layout import base_optional_specs, base_tensor_specs, check_tensors, mtp_tensor_specs
+
+TOKENS_KEY = "tokenizer.ggml.tokens"
+MERGES_KEY = "tokenizer.ggml.merges"
+
+
+@dataclass
+class ModelFile:
+    """A validated base or MTP GGUF: the open file, the config and the bound tensors."""
+
+    gguf: GGUFFile
+    config: ModelConfig
+    tensors: dict[str, GGUFTensor]
+    is_mtp: bool = False
+    _tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def path(self) -> str:
+        return self.gguf.path
+
+    @property
+    def name(self) -> str | None:
+        name = self.gguf.get("general.name")
+        return name if isinstance(name, str) else None
+
+    def tensor_bytes_by_type(self) -> dict[str, tuple[int, int]]:
+        """{type name: (tensor count, bytes)} over the bound tensors."""
+        count: Counter = Counter()
+        size: Counter = Counter()
+        for t in self.tensors.values():
+            count[t.type_name] += 1
+            size[t.type_name] += t.n_bytes
+        return {k: (count[k], size[k]) for k in sorted(count, key=lambda k: -size[k])}
+
+    @cached_property
+    def routed_quant_bits(self) -> int:
+        """4 when layer 0's routed gate is Q4_K, else 2 (ds4's quant tag for saved caches)."""
+        t = self.tensors.get("blk.0.ffn_gate_exps.weight") or self.tensors.get("mtp.0.ffn_gate_exps.weight")
+        return 4 if t is not None and t.qtype == QT.Q4_K else 2
+
+    def tokenizer(self):
+        """The tokenizer built from the file's token and merge tables (built once)."""
+        if self._tokenizer is None:
+            from ds4.tokenizer import Tokenizer
+
+            tokens = self.gguf.get(TOKENS_KEY)
+            merges = self.gguf.get(MERGES_KEY)
+            try:
+                self._tokenizer = Tokenizer.from_vocab(tokens, merges)
+            except Ds4Error as e:
+                raise GGUFError(self.path, str(e)) from None
+        return self._tokenizer
+
+
+def _check_string_array(gguf: GGUFFile, key: str, expected_len: int | None = None) -> int:
+    f = gguf.fields.get(key)
+    if f is None:
+        raise GGUFError(gguf.path, f"tokenizer table {key} is missing", "an array of strings")
+    if f.type != ValueType.ARRAY or f.item_type != ValueType.STRING:
+        raise GGUFError(gguf.path, f"tokenizer table {key} is not an array of strings", "an array of strings")
+    if expected_len is not None and f.count != expected_len:
+        raise GGUFError(gguf.path, f"{key} has {f.count} entries",
+                        f"{expected_len} (= {ARCH}.vocab_size and token_embd rows)")
+    return f.count
+
+
+def open_model(path: str) -> ModelFile:
+    """Open and validate a base DS4 Flash GGUF (container, metadata, every tensor, tokenizer tables)."""
+    gguf = GGUFFile(path)
+    arch = gguf.get("general.architecture")
+    if arch is not None and arch != ARCH:
+        raise GGUFError(path, f"general.architecture is {arch!r}", f"'{ARCH}'")
+    config = ModelConfig.from_gguf(gguf)
+    tensors = check_tensors(gguf, base_tensor_specs(config), base_optional_specs(config))
+    _check_string_array(gguf, TOKENS_KEY, config.n_vocab)
+    _check_string_array(gguf, MERGES_KEY)
+    return ModelFile(gguf, config, tensors)
+
+
+def open_mtp(path: str, base: ModelConfig) -> ModelFile:
+    """Open and validate an MTP GGUF against the base model it will draft for.
+
+    The MTP file shares the base model's embedding and output head, so its block must have the
+    base widths; its metadata is optional, but when it states a width it must agree."""
+    gguf = GGUFFile(path)
+    for key, want in ((f"{ARCH}.embedding_length", base.n_embd), (f"{ARCH}.expert_count", base.n_expert)):
+        got = gguf.get(key)
+        if isinstance(got, int) and not isinstance(got, bool) and got != want:
+            raise GGUFError(path, f"MTP file has {key}={got}", f"{want} to fit the base model")
+    tensors = check_tensors(gguf, mtp_tensor_specs(base))
+    return ModelFile(gguf, base, tensors, is_mtp=True)
