@@ -6,11 +6,17 @@ status 1 here, and nowhere else; click's usage errors exit 2.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import click
 
+from ds4.attention import Numerics
+from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
+from ds4.generate import ThinkPrinter, generate
+from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
 
 DEFAULT_MODEL = "./ds4flash.gguf"
 
@@ -47,21 +53,174 @@ def format_inspect(model, mtp=None) -> str:
     return "\n".join(lines)
 
 
+def _token_json(tok, token_id: int) -> dict:
+    raw = tok.token_bytes(token_id)
+    return {"id": token_id, "text": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
+
+def _select_backend(backend: str | None) -> str:
+    """Set MLX's default device; `None` picks the best available (GPU, else CPU)."""
+    import mlx.core as mx
+
+    gpu = {"metal": mx.metal.is_available(), "cuda": mx.cuda.is_available()}
+    if backend is None:
+        backend = next((b for b, ok in gpu.items() if ok), "cpu")
+    elif backend != "cpu" and not gpu[backend]:
+        raise Ds4Error(f"{backend} backend unavailable in this MLX build, expected one of: "
+                       + ", ".join(["cpu"] + [b for b, ok in gpu.items() if ok]))
+    mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
+    return backend
+
+
+def _resolve_model(model_path: str | None) -> str:
+    if model_path:
+        return model_path
+    if os.path.exists(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    raise Ds4Error(f"no model: {DEFAULT_MODEL} not found and no -m FILE given "
+                   "(write a small synthetic one with `ds4-synth tiny -o tiny.gguf`)")
+
+
+def _read_prompt_tokens(path: str, n_vocab: int) -> list[int]:
+    try:
+        ids = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise Ds4Error(f"{path}: cannot read prompt tokens: {e}, expected a JSON list of token ids") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < n_vocab for i in ids):
+        raise Ds4Error(f"{path}: prompt tokens must be a non-empty JSON list of ids in 0..{n_vocab - 1}")
+    return ids
+
+
+THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": ThinkMode.MAX}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False), default=None,
               help=f"base DS4 Flash GGUF (default {DEFAULT_MODEL})")
 @click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="MTP support GGUF")
-@click.option("--inspect", is_flag=True, help="validate the model file(s) and print a summary")
-def cli(model_path, mtp_path, inspect):
+@click.option("--inspect", is_flag=True, help="validate the model file(s), print a summary and exit")
+@click.option("-p", "--prompt", help="one-shot prompt (no prompt: interactive chat)")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="read the prompt from a file")
+@click.option("--prompt-tokens", type=click.Path(dir_okay=False, exists=True),
+              help="a JSON list of token ids fed as-is (no chat template)")
+@click.option("-n", "--tokens", "n_tokens", type=click.IntRange(min=1), default=50000, show_default=True,
+              help="tokens to generate (clamped to the context left)")
+@click.option("--temp", type=click.FloatRange(0, 100), default=1.0, show_default=True, help="temperature; 0 = greedy")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True, help="relative to the top token")
+@click.option("--seed", type=click.IntRange(min=0), help="sampling seed (default: random)")
+@click.option("-c", "--ctx", type=click.IntRange(min=16), default=DEFAULT_CTX, show_default=True, help="context size")
+@click.option("-sys", "--system", default=DEFAULT_SYSTEM, show_default=True, help='system prompt ("" for none)')
+@click.option("--think", "think", flag_value="think", default=True, help="thinking on (default)")
+@click.option("--nothink", "think", flag_value="nothink", help="thinking off")
+@click.option("--think-max", "think", flag_value="think_max", help="maximum reasoning effort (needs ctx >= 393216)")
+@click.option("--dump-tokens", is_flag=True, help="print the prompt's tokens (rendered-chat tokenization) and exit")
+@click.option("--dump-logprobs", type=click.Path(dir_okay=False), help="write a greedy JSON dump of top logprobs")
+@click.option("--logprobs-top-k", type=click.IntRange(1, 128), default=20, show_default=True)
+@click.option("--prefill-chunk", type=click.IntRange(min=1), help="prefill chunk size (default 2048, or ctx if smaller)")
+@click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]), help="default: the best available")
+@click.option("--act-quant", is_flag=True,
+              help="int8-quantize activations before quantized matmuls as ds4's CPU path does (to compare logits with it)")
+def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tokens, temp, top_p, top_k, min_p,
+        seed, ctx, system, think, dump_tokens, dump_logprobs, logprobs_top_k, prefill_chunk, backend, act_quant):
     """DeepSeek V4 Flash inference on MLX."""
     from ds4.loader import open_model, open_mtp
 
-    model = open_model(model_path or DEFAULT_MODEL)
-    mtp = open_mtp(mtp_path, model.config) if mtp_path else None
+    if sum(x is not None for x in (prompt, prompt_file, prompt_tokens)) > 1:
+        raise click.UsageError("give only one of -p, --prompt-file and --prompt-tokens")
+    if prompt_file is not None:
+        prompt = open(prompt_file, encoding="utf-8", newline="").read()
+    model_file = open_model(_resolve_model(model_path))
+    mtp = open_mtp(mtp_path, model_file.config) if mtp_path else None
     if inspect:
-        click.echo(format_inspect(model, mtp))
+        click.echo(format_inspect(model_file, mtp))
         return
-    raise click.UsageError("nothing to do: give --inspect")
+    tok = model_file.tokenizer()
+    if dump_tokens:
+        if prompt is None:
+            raise click.UsageError("--dump-tokens needs a prompt")
+        ids = tok.encode_rendered(prompt)
+        click.echo(json.dumps(ids))
+        for i in ids:
+            click.echo(f"{i:6d}  {tok.token_bytes(i).decode('utf-8', errors='replace')}")
+        return
+    think_mode, warning = think_mode_for_context(THINK_MODES[think], ctx)
+    if warning:
+        click.echo(f"ds4: warning: {warning}", err=True)
+    if prompt_tokens is not None:
+        ids = _read_prompt_tokens(prompt_tokens, model_file.config.n_vocab)
+    elif prompt is not None:
+        ids = render_prompt(tok, prompt, system, think_mode)
+    else:
+        ids = None
+    if ids is not None and len(ids) >= ctx:
+        raise Ds4Error(f"prompt of {len(ids)} tokens exceeds the context of {ctx} tokens (raise --ctx)")
+    backend = _select_backend(backend)
+    engine = Engine(model_file.path, model_file, Numerics(act_quant=act_quant))
+    session = Session(engine, ctx, prefill_chunk)
+    c = model_file.config
+    click.echo(f"ds4: context buffers {c.kv_cache_bytes(ctx, session.prefill_chunk) / 2**20:.2f} MiB "
+               f"(ctx={ctx}, backend={backend}, prefill_chunk={session.prefill_chunk}, "
+               f"raw_kv_rows={c.n_swa}, compressed_kv_rows={ctx // 4 + 2})", err=True)
+    if ids is None:
+        from ds4.chat_repl import run_repl
+
+        run_repl(session, tok, system, think_mode, n_tokens, Sampler(temp, top_k, top_p, min_p, seed))
+        return
+    if dump_logprobs:
+        _dump_logprobs(session, tok, ids, n_tokens, logprobs_top_k, dump_logprobs, prompt or prompt_tokens)
+        return
+    sampler = Sampler(temp, top_k, top_p, min_p, seed)
+    printer = ThinkPrinter(thinking=think_mode is not ThinkMode.NONE and prompt_tokens is None)
+    stream = tok.stream_decoder()
+    bar = _prefill_bar(session, len(ids))
+    try:
+        stats = generate(session, ids, n_tokens, sampler, tok.eos_id, on_token=lambda t: printer.write(stream.push(t)))
+    finally:
+        if bar is not None:
+            bar.close()
+        printer.write(stream.flush())
+        printer.close()
+    click.echo(stats.line(), err=True)
+
+
+def _prefill_bar(session: Session, n_prompt: int):
+    """A tqdm bar on stderr for prompts longer than one prefill chunk."""
+    if n_prompt <= session.prefill_chunk:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_prompt, desc="prefill", unit="tok", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    session.progress = update
+    return bar
+
+
+def _dump_logprobs(session: Session, tok, ids: list[int], n_tokens: int, top_k: int, path: str, source: str) -> None:
+    """Greedy decode of n steps, recording each step's selected token and top-k logprobs (the
+    reference's JSON shape). Written atomically."""
+    steps = []
+
+    def record(token: int) -> None:
+        steps.append({
+            "step": len(steps),
+            "selected": _token_json(tok, token),
+            "top_logprobs": [{"token": _token_json(tok, i), "logit": logit, "logprob": lp}
+                             for i, logit, lp in session.top_logprobs(top_k)],
+        })
+
+    stats = generate(session, ids, n_tokens, Sampler(temperature=0.0), tok.eos_id, on_token=record)
+    doc = {"source": source, "prompt_tokens": len(ids), "ctx": session.ctx, "top_k": top_k, "steps": steps}
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, ensure_ascii=False)
+    os.replace(tmp, path)
+    click.echo(stats.line(), err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

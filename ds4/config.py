@@ -195,6 +195,22 @@ class ModelConfig:
                 comp += (ctx // r + 2) * self.head_dim * 4
         return raw + comp
 
+    def kv_payload_bytes(self, n_tokens: int) -> int:
+        """Bytes of a saved session of n tokens in ds4's payload layout (mtp-session doc §2.7):
+        13-word header, tokens, logits, two row counters per layer, then per layer the live raw
+        rows, the compressed rows and compressor frontiers (kv and score). This is ds4-bench's
+        `kvcache_bytes` column."""
+        size = 13 * 4 + 4 * n_tokens + 4 * self.n_vocab + 2 * 4 * self.n_layer
+        for il in range(self.n_layer):
+            size += min(n_tokens, self.n_swa) * self.head_dim * 4
+            r = self.ratio(il)
+            coff = 2 if r == 4 else 1
+            if r:
+                size += (n_tokens // r) * self.head_dim * 4 + 2 * (coff * r) * (coff * self.head_dim) * 4
+            if r == 4:
+                size += (n_tokens // r) * self.indexer_head_dim * 4 + 2 * (coff * r) * (coff * self.indexer_head_dim) * 4
+        return size
+
     # -- metadata I/O --------------------------------------------------------------------------
 
     @classmethod
@@ -259,8 +275,8 @@ class ModelConfig:
         need(self.n_head % self.n_out_group == 0, "n_out_group", f"a divisor of head_count {self.n_head}")
         need(self.n_expert_used <= self.n_expert, "n_expert_used", f"at most expert_count {self.n_expert}")
         ihd = self.indexer_head_dim
-        need(ihd >= 32 and ihd & (ihd - 1) == 0, "indexer_head_dim",
-             "a power of two >= 32 (Hadamard rotation, FP4 blocks of 32)")
+        need(ihd >= max(32, self.n_rot) and ihd & (ihd - 1) == 0, "indexer_head_dim",
+             f"a power of two >= 32 and >= rope dims {self.n_rot} (Hadamard rotation, FP4 blocks of 32, RoPE tail)")
 
 
 def _same(value, expected) -> bool:

@@ -36,7 +36,7 @@ from ds4.layout import (ROUTED_TYPES, TensorSpec, base_optional_specs, base_tens
 # K-quant row needs it; the window and indexer top-k are small so tests wrap and select early.
 TINY = dict(n_layer=5, n_embd=256, n_head=4, head_dim=128, value_dim=128, n_rot=64, q_lora_rank=64,
             o_lora_rank=64, n_out_group=2, n_expert=16, n_expert_used=6, n_ff_exp=256, n_hash_layer=3,
-            n_swa=32, n_indexer_head=4, indexer_head_dim=32, indexer_top_k=8)
+            n_swa=32, n_indexer_head=4, indexer_head_dim=128, indexer_top_k=8)
 TINY_VOCAB = 1024
 
 # Quant mixes of the published files (layout doc §1.1): routed (gate/up, down).

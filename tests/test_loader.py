@@ -208,7 +208,7 @@ def test_inspect_cli(tiny_paths):
     assert r.returncode == 0, r.stderr
     assert "layers:        5 (2 sliding-window, 2 ratio-4 + indexer, 1 ratio-128; 3 hash-routed)" in r.stdout
     assert "IQ2_XXS" in r.stdout and "Q4_K" in r.stdout
-    assert "324 bytes per context token" in r.stdout  # 2 x (128+32)*4/4 + 128*4/128
+    assert "516 bytes per context token" in r.stdout  # 2 x (128+128)*4/4 + 128*4/128
 
 
 @pytest.mark.parametrize("content, message", [

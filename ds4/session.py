@@ -1,0 +1,401 @@
+"""Engine (a loaded model) and Session (one inference timeline over it).
+
+Invariant of a Session: `tokens`, the KV cache and `logits` always describe the same prefix
+(the cache holds exactly positions 0..len(tokens)-1 and `logits` is the next-token distribution
+after them), or the session is marked invalid and the next `sync` rebuilds. State changes are
+committed only after a step has been fully evaluated, so an exception or Ctrl+C in the middle of
+a step leaves the previous consistent state in place.
+
+Snapshots are cheap: the cache is an immutable value (see cache.py), so a snapshot holds
+references. The session remembers the snapshots it handed out (the most recent few) so that
+`rewind` and `sync` can return to a real earlier state instead of truncating a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from ds4.attention import Numerics
+from ds4.cache import CompressorState, LayerCache, ModelCache
+from ds4.errors import Ds4Error
+from ds4.loader import ModelFile, open_model
+
+DEFAULT_CTX = 32768
+MAX_CHECKPOINTS = 4
+
+
+class SessionError(Ds4Error):
+    """A session operation that cannot be done (context overflow, mismatched saved state...)."""
+
+
+def default_prefill_chunk(ctx: int) -> int:
+    """ds4's default: 2048-token chunks, or the whole context when it is smaller."""
+    return 2048 if ctx > 2048 else ctx
+
+
+class Engine:
+    """A loaded model: validated file, weights on the device, tokenizer. Immutable after load."""
+
+    def __init__(self, model_path: str, model_file: ModelFile | None = None, numerics: Numerics = Numerics()):
+        from ds4.model import Model
+
+        self.file = model_file or open_model(model_path)
+        self.config = self.file.config
+        self.tokenizer = self.file.tokenizer()
+        self.model = Model(self.file, numerics)
+
+    def fingerprint(self) -> bytes:
+        """sha256 over the model's header (metadata, tensor names, types, shapes, offsets) and
+        its size: a saved session only loads into the same model file and quantization."""
+        g = self.file.gguf
+        h = hashlib.sha256(bytes(g.buffer[:g.data_offset]))
+        h.update(struct.pack("<Q", g.size))
+        return h.digest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    tokens: tuple[int, ...]
+    cache: ModelCache
+    logits: mx.array | None
+    hidden: mx.array | None
+
+
+class Session:
+    """One timeline: tokens, KV cache, logits of the next token.
+
+    Args:
+        engine: the loaded model.
+        ctx: context size in tokens (the cache capacity).
+        prefill_chunk: tokens per prefill step; chunks are aligned to absolute multiples of it.
+        progress: called as progress(done, total) after each prefill chunk.
+    """
+
+    def __init__(self, engine: Engine, ctx: int = DEFAULT_CTX, prefill_chunk: int | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        if ctx < 2:
+            raise SessionError(f"context size {ctx} is too small, expected at least 2")
+        self.engine = engine
+        self.config = engine.config
+        self.ctx = ctx
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(ctx)
+        if self.prefill_chunk < 1:
+            raise SessionError(f"prefill chunk {prefill_chunk} is invalid, expected at least 1")
+        self.progress = progress
+        self._checkpoints: list[Snapshot] = []
+        self.invalidate()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def valid(self) -> bool:
+        return self._valid
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def pos(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def logits(self) -> mx.array:
+        """Logits [V] of the next token (float32)."""
+        self._require_logits()
+        return self._logits
+
+    @property
+    def hidden(self) -> mx.array | None:
+        """The trunk's final HC state [M, E] at the last position (the MTP head's input)."""
+        return self._hidden
+
+    def _commit(self, tokens, cache: ModelCache, logits: mx.array, hidden: mx.array) -> None:
+        self._tokens, self._cache, self._logits, self._hidden = tuple(tokens), cache, logits, hidden
+        self._valid = True
+
+    def invalidate(self) -> None:
+        """Forget everything; the next sync prefills from scratch."""
+        self._tokens = ()
+        self._cache = ModelCache.empty(self.config, self.ctx)
+        self._logits = None
+        self._hidden = None
+        self._valid = False
+
+    def _require_logits(self) -> None:
+        if not self._valid or self._logits is None:
+            raise SessionError("the session has no logits: sync a prompt first")
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def _run(self, tokens: list[int]) -> None:
+        """Feed tokens after the current state in one forward and commit the result."""
+        logits, cache, X = self.engine.model.forward(tokens, self._cache)
+        logits, hidden = logits[-1], X[-1]
+        mx.eval(logits, hidden, *cache.arrays())
+        self._commit(self._tokens + tuple(tokens), cache, logits, hidden)
+
+    def eval(self, token: int) -> None:
+        """Decode one token at the next position."""
+        self._require_logits()
+        if self.pos + 1 >= self.ctx:
+            raise SessionError(f"context is full ({self.ctx} tokens)")
+        self._run([int(token)])
+
+    def sync(self, tokens) -> None:
+        """Bring the state to exactly `tokens`: reuse the live prefix (or the longest remembered
+        snapshot that is a prefix), extend it with chunked prefill, or rebuild from scratch."""
+        tokens = tuple(int(t) for t in tokens)
+        if not tokens:
+            raise SessionError("cannot sync an empty prompt")
+        if len(tokens) >= self.ctx:
+            raise SessionError(f"prompt of {len(tokens)} tokens exceeds the context of {self.ctx} tokens")
+        if not (self._valid and tokens[:self.pos] == self._tokens):
+            best = max((s for s in self._checkpoints if tokens[:len(s.tokens)] == s.tokens),
+                       key=lambda s: len(s.tokens), default=None)
+            if best is not None:
+                self.restore(best)
+            else:
+                self.invalidate()
+        start, total = self.pos, len(tokens)
+        while self.pos < total:
+            # Chunks end on absolute multiples of the chunk size, so a resumed prefill finalises
+            # compressor rows in the same grouping as a cold one.
+            end = min(total, (self.pos // self.prefill_chunk + 1) * self.prefill_chunk)
+            self._run(list(tokens[self.pos:end]))
+            if self.progress is not None:
+                self.progress(self.pos - start, total - start)
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The current state (cheap: references to immutable arrays), remembered for rewind."""
+        snap = Snapshot(self._tokens, self._cache, self._logits if self._valid else None, self._hidden)
+        if self._valid:
+            self._checkpoints = [s for s in self._checkpoints if s.tokens != snap.tokens][-(MAX_CHECKPOINTS - 1):]
+            self._checkpoints.append(snap)
+        return snap
+
+    def restore(self, snap: Snapshot) -> None:
+        if snap.logits is None:
+            self.invalidate()
+            return
+        if snap.cache.ctx != self.ctx:
+            raise SessionError(f"snapshot was taken with ctx {snap.cache.ctx}, this session has {self.ctx}")
+        self._commit(snap.tokens, snap.cache, snap.logits, snap.hidden)
+
+    def rewind(self, n: int) -> bool:
+        """Drop the last n tokens by restoring a remembered snapshot of exactly that prefix.
+
+        Returns True when a real earlier state was restored; otherwise the session is
+        invalidated (the next sync rebuilds) and False is returned. Never truncates tokens
+        over a cache that still holds them."""
+        if n < 0 or n > self.pos:
+            raise SessionError(f"cannot rewind {n} tokens of {self.pos}")
+        if n == 0:
+            return self._valid
+        target = self._tokens[:self.pos - n]
+        for s in reversed(self._checkpoints):
+            if s.tokens == target:
+                self.restore(s)
+                return True
+        self.invalidate()
+        return False
+
+    # -- reading the distribution -------------------------------------------------------------------
+
+    def argmax(self) -> int:
+        """Greedy next token: the lowest id among the maxima. Non-finite logits are an error,
+        never a silent token 0 (upstream #750)."""
+        self._require_logits()
+        logits = self._logits
+        if not bool(mx.all(mx.isfinite(logits))):
+            raise SessionError("non-finite logits")
+        return int(mx.argmax(logits))
+
+    def top_logprobs(self, k: int) -> list[tuple[int, float, float]]:
+        """The k most likely next tokens as (id, logit, logprob), descending (log-softmax in float64)."""
+        self._require_logits()
+        logits = np.asarray(self._logits, dtype=np.float64)
+        finite = np.isfinite(logits)
+        m = logits[finite].max()
+        lse = m + np.log(np.sum(np.exp(logits[finite] - m)))
+        order = np.argsort(-np.where(finite, logits, -np.inf), kind="stable")[:k]
+        return [(int(i), float(logits[i]), float(logits[i] - lse)) for i in order]
+
+    def sample(self, sampler: "Sampler") -> int:
+        self._require_logits()
+        return sampler(self._logits)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def payload_bytes(self) -> int:
+        """Size of the saved KV payload (`kvcache_bytes` in ds4-bench terms)."""
+        return self.config.kv_payload_bytes(self.pos)
+
+    def save(self, path: str) -> None:
+        """Write the session to `path` (atomically): a header fingerprinting the model, then the
+        payload, then its sha256."""
+        self._require_logits()
+        payload = self._payload()
+        header = SAVE_MAGIC + struct.pack("<I", SAVE_VERSION) + self.engine.fingerprint()
+        tmp = f"{path}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header + payload + hashlib.sha256(header + payload).digest())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def load(self, path: str) -> None:
+        """Load a saved session; a file for another model, corrupt or truncated is refused with a
+        clear error and the current state is kept."""
+        try:
+            data = open(path, "rb").read()
+        except OSError as e:
+            raise SessionError(f"{path}: cannot read saved session: {e.strerror}") from None
+        head = len(SAVE_MAGIC) + 4 + 32
+        if len(data) < head + 32 or data[:len(SAVE_MAGIC)] != SAVE_MAGIC:
+            raise SessionError(f"{path}: not a ds4 saved session, expected magic {SAVE_MAGIC!r}")
+        (version,) = struct.unpack_from("<I", data, len(SAVE_MAGIC))
+        if version != SAVE_VERSION:
+            raise SessionError(f"{path}: saved session version {version}, expected {SAVE_VERSION}")
+        if data[len(SAVE_MAGIC) + 4:head] != self.engine.fingerprint():
+            raise SessionError(f"{path}: saved session belongs to another model or quantization, "
+                               f"expected one saved with {self.engine.file.path}")
+        if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+            raise SessionError(f"{path}: saved session is corrupt (checksum mismatch)")
+        self._load_payload(path, memoryview(data)[head:-32])
+
+    # The payload follows ds4's session payload (v1) field order, so kvcache_bytes matches ds4-bench.
+
+    def _payload(self) -> bytes:
+        c, n = self.config, self.pos
+        raw_live = min(n, c.n_swa)
+        layers = self._cache.layers
+        n_comp = [n // c.ratio(il) if c.ratio(il) else 0 for il in range(c.n_layer)]
+        n_index = [n_comp[il] if c.ratio(il) == 4 else 0 for il in range(c.n_layer)]
+        parts = [struct.pack("<13I", PAYLOAD_MAGIC, 1, self.ctx, self.prefill_chunk,
+                             c.raw_cap(self.ctx, self.prefill_chunk), c.n_swa, self.ctx // 4 + 2, n,
+                             c.n_layer, c.head_dim, c.indexer_head_dim, c.n_vocab, raw_live),
+                 np.asarray(self._tokens, np.uint32).tobytes(),
+                 np.asarray(self._logits, np.float32).tobytes(),
+                 np.asarray(n_comp, np.uint32).tobytes(), np.asarray(n_index, np.uint32).tobytes()]
+        arrays = []
+        for il, lc in enumerate(layers):
+            arrays.append(lc.raw[c.n_swa - raw_live:])
+            for state, count in ((lc.comp, n_comp[il]), (lc.index, n_index[il])):
+                if state is not None:
+                    arrays += [state.rows[:count], state.kv, state.score]
+        parts += [np.asarray(a, np.float32).tobytes() for a in arrays]
+        return b"".join(parts)
+
+    def _load_payload(self, path: str, buf: memoryview) -> None:
+        c = self.config
+        try:
+            head = struct.unpack_from("<13I", buf, 0)
+        except struct.error:
+            raise SessionError(f"{path}: saved session is truncated") from None
+        magic, version, ctx, chunk, _, window, _, n, n_layer, head_dim, index_dim, vocab, raw_live = head
+        if (magic, version) != (PAYLOAD_MAGIC, 1):
+            raise SessionError(f"{path}: bad payload header, expected a v1 DS4 session payload")
+        if (n_layer, head_dim, index_dim, vocab, window) != (c.n_layer, c.head_dim, c.indexer_head_dim,
+                                                             c.n_vocab, c.n_swa):
+            raise SessionError(f"{path}: saved session has other model dimensions")
+        if n >= self.ctx or n < 1:
+            raise SessionError(f"{path}: saved session holds {n} tokens, expected 1..{self.ctx - 1} for this context")
+        if raw_live != min(n, c.n_swa):
+            raise SessionError(f"{path}: saved session has {raw_live} raw rows, expected {min(n, c.n_swa)}")
+        pos = 13 * 4
+
+        def take(count: int, dtype, shape=None) -> np.ndarray:
+            nonlocal pos
+            nbytes = count * np.dtype(dtype).itemsize
+            if pos + nbytes > len(buf):
+                raise SessionError(f"{path}: saved session is truncated")
+            a = np.frombuffer(buf, dtype=dtype, count=count, offset=pos)
+            pos += nbytes
+            return a.reshape(shape) if shape else a
+
+        tokens = take(n, np.uint32)
+        logits = take(c.n_vocab, np.float32)
+        n_comp, n_index = take(c.n_layer, np.uint32), take(c.n_layer, np.uint32)
+        empty = ModelCache.empty(c, self.ctx)
+        layers = []
+        for il, lc in enumerate(empty.layers):
+            rows = take(raw_live * c.head_dim, np.float32, (raw_live, c.head_dim))
+            raw = mx.concatenate([lc.raw[:c.n_swa - raw_live], mx.array(rows)], axis=0)
+            states = []
+            for state, count, width in ((lc.comp, n_comp[il], c.head_dim), (lc.index, n_index[il], c.indexer_head_dim)):
+                if state is None:
+                    states.append(None)
+                    continue
+                r = c.ratio(il)
+                if count != n // r:
+                    raise SessionError(f"{path}: layer {il} has {count} compressed rows, expected {n // r}")
+                got = take(int(count) * width, np.float32, (int(count), width))
+                kv = take(state.kv.size, np.float32, state.kv.shape)
+                score = take(state.score.size, np.float32, state.score.shape)
+                rows_all = mx.slice_update(state.rows, mx.array(got), mx.array([0]), axes=(0,)) if count else state.rows
+                states.append(CompressorState(rows_all, mx.array(kv), mx.array(score)))
+            layers.append(LayerCache(raw, *states))
+        if pos != len(buf):
+            raise SessionError(f"{path}: saved session has {len(buf) - pos} trailing bytes")
+        cache = ModelCache(int(n), self.ctx, tuple(layers))
+        mx.eval(*cache.arrays())
+        # The trunk's HC state is not part of the payload (as in ds4): the MTP anchor restarts.
+        self._commit(tuple(int(t) for t in tokens), cache, mx.array(logits), None)
+
+
+SAVE_MAGIC = b"DS4SESS\0"
+SAVE_VERSION = 1
+PAYLOAD_MAGIC = 0x34565344  # "DSV4"
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Temperature / top-k / top-p / min-p sampling on the device; temperature 0 is greedy.
+
+    Each call draws from the next key of a seeded stream, so a run is reproducible."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.05
+    seed: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "_key", [mx.random.key(self.seed if self.seed is not None
+                                                        else int.from_bytes(os.urandom(4), "little"))])
+
+    def __call__(self, logits: mx.array) -> int:
+        if not bool(mx.all(mx.isfinite(logits))):
+            raise SessionError("non-finite logits")
+        if self.temperature <= 0:
+            return int(mx.argmax(logits))
+        key, sub = mx.random.split(self._key[0])
+        self._key[0] = key
+        x = logits.astype(mx.float32) / self.temperature
+        if self.top_k > 0 and self.top_k < x.shape[-1]:
+            kth = mx.sort(x)[-self.top_k]
+            x = mx.where(x < kth, float("-inf"), x)
+        probs = mx.softmax(x, precise=True)
+        if self.min_p > 0:
+            x = mx.where(probs < self.min_p * mx.max(probs), float("-inf"), x)
+        if self.top_p < 1.0:
+            order = mx.argsort(-x)
+            sorted_p = mx.softmax(x[order], precise=True)
+            keep_sorted = (mx.cumsum(sorted_p) - sorted_p) < self.top_p  # always keeps the first
+            keep = mx.zeros(x.shape, mx.bool_)
+            keep = mx.put_along_axis(keep, order, keep_sorted, axis=-1)
+            x = mx.where(keep, x, float("-inf"))
+        return int(mx.random.categorical(x, key=sub))

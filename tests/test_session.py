@@ -1,0 +1,185 @@
+"""Session invariants: tokens, caches and logits agree after any sequence of operations, snapshots
+and rewinds restore real states, saved sessions refuse the wrong model or corrupt bytes."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ds4 import synth
+from ds4.config import ModelConfig
+from ds4.session import Engine, Sampler, Session, SessionError
+
+CTX = 256
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_paths):
+    return Engine(str(tiny_paths[0]))
+
+
+def fresh_logits(engine, tokens, chunk=64):
+    s = Session(engine, CTX, chunk)
+    s.sync(tokens)
+    return np.array(s.logits)
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=0)
+
+
+token = st.integers(3, 1000)
+op = st.one_of(
+    st.tuples(st.just("sync_extend"), st.lists(token, min_size=1, max_size=12)),
+    st.tuples(st.just("sync_new"), st.lists(token, min_size=1, max_size=40)),
+    st.tuples(st.just("sync_prefix"), st.integers(1, 30)),
+    st.tuples(st.just("eval"), token),
+    st.tuples(st.just("snapshot"), st.just(0)),
+    st.tuples(st.just("restore"), st.integers(0, 10)),
+    st.tuples(st.just("rewind"), st.integers(0, 6)),
+    st.tuples(st.just("invalidate"), st.just(0)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, min_size=1, max_size=10), chunk=st.sampled_from([5, 16, 64]))
+def test_random_operations_match_a_fresh_session(engine, ops, chunk):
+    s = Session(engine, CTX, chunk)
+    snaps = []
+    for kind, arg in ops:
+        if kind == "sync_extend":
+            s.sync((s.tokens if s.valid else [0]) + arg)
+        elif kind == "sync_new":
+            s.sync([0] + arg)
+        elif kind == "sync_prefix" and s.valid:
+            s.sync(s.tokens[:max(1, min(arg, s.pos))])
+        elif kind == "eval" and s.valid:
+            s.eval(arg)
+        elif kind == "snapshot":
+            snaps.append(s.snapshot())
+        elif kind == "restore" and snaps:
+            s.restore(snaps[arg % len(snaps)])
+        elif kind == "rewind" and s.valid and arg < s.pos:
+            target = s.tokens[:s.pos - arg]
+            if s.rewind(arg):
+                assert s.tokens == target
+            else:
+                assert not s.valid
+        elif kind == "invalidate":
+            s.invalidate()
+        if s.valid:
+            assert len(s.tokens) == s.pos
+    if s.valid:
+        close(s.logits, fresh_logits(engine, s.tokens))
+
+
+def test_sync_reuses_prefix_and_aligns_chunks(engine):
+    calls = []
+    s = Session(engine, CTX, 16, progress=lambda done, total: calls.append((done, total)))
+    s.sync([0] + list(range(10, 30)))  # 21 tokens: chunks 0-16, 16-21
+    assert calls == [(16, 21), (21, 21)]
+    calls.clear()
+    s.sync(s.tokens + list(range(40, 60)))  # 41 tokens from 21: chunk ends at 32, then 41
+    assert calls == [(11, 20), (20, 20)]
+    close(s.logits, fresh_logits(engine, s.tokens, chunk=7))
+
+
+def test_rewind_restores_or_invalidates(engine):
+    s = Session(engine, CTX, 32)
+    s.sync([0, 5, 6, 7])
+    snap = s.snapshot()
+    s.eval(8)
+    s.eval(9)
+    assert s.rewind(2) and s.tokens == [0, 5, 6, 7]
+    close(s.logits, snap.logits)
+    s.eval(10)
+    assert s.rewind(1) and s.tokens == [0, 5, 6, 7]  # the same snapshot serves again
+    s.eval(10)
+    assert not s.rewind(2)  # nothing remembered for [0, 5, 6]: invalidate, never truncate
+    assert not s.valid and s.tokens == []
+    with pytest.raises(SessionError, match="no logits"):
+        s.argmax()
+
+
+def test_context_limits(engine):
+    s = Session(engine, 32, 8)
+    with pytest.raises(SessionError, match="prompt of 32 tokens exceeds the context of 32"):
+        s.sync([1] * 32)
+    with pytest.raises(SessionError, match="empty prompt"):
+        s.sync([])
+    s.sync([0] * 30)
+    s.eval(3)
+    with pytest.raises(SessionError, match="context is full"):
+        s.eval(4)
+
+
+def test_save_load_round_trip_and_refusals(engine, tmp_path, tiny_vocab):
+    s = Session(engine, CTX, 32)
+    s.sync([0] + list(range(100, 240)))  # 141 tokens: every cache kind holds rows
+    path = str(tmp_path / "s.ds4")
+    s.save(path)
+    assert os.path.getsize(path) == s.payload_bytes() + 8 + 4 + 32 + 32
+    t = Session(engine, CTX, 32)
+    t.load(path)
+    assert t.tokens == s.tokens
+    close(t.logits, s.logits)
+    s.eval(7)
+    t.eval(7)
+    close(t.logits, s.logits)
+    # Corrupt byte, truncation, wrong model: refused, state kept.
+    data = bytearray(open(path, "rb").read())
+    bad = tmp_path / "bad.ds4"
+    data[5000] ^= 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SessionError, match="corrupt"):
+        t.load(str(bad))
+    bad.write_bytes(bytes(data[:1000]))
+    with pytest.raises(SessionError, match="corrupt|truncated"):
+        t.load(str(bad))
+    assert t.pos == 142
+    other = tmp_path / "other.gguf"
+    synth.write_preset("tiny", str(other), seed=99)
+    u = Session(Engine(str(other)), CTX, 32)
+    with pytest.raises(SessionError, match="another model"):
+        u.load(path)
+    small = Session(engine, 64, 32)
+    with pytest.raises(SessionError, match="holds 141 tokens"):
+        small.load(path)
+
+
+def test_payload_size_formula_matches_ds4():
+    """mtp-session doc §2.7: 52,184,460 bytes at 2048 tokens, +28,188,672 per 2048 more."""
+    c = ModelConfig()
+    assert c.kv_payload_bytes(2048) == 52_184_460
+    assert c.kv_payload_bytes(4096) - c.kv_payload_bytes(2048) == 28_188_672
+
+
+def test_sampling(engine):
+    s = Session(engine, CTX, 32)
+    s.sync([0, 11, 12, 13])
+    greedy = s.argmax()
+    assert Sampler(temperature=0.0).__call__(s.logits) == greedy
+    assert Sampler(temperature=1.0, top_k=1, seed=1)(s.logits) == greedy
+    a = [Sampler(temperature=1.0, seed=5)(s.logits) for _ in range(3)]
+    b = Sampler(temperature=1.0, seed=5)
+    assert [b(s.logits) for _ in range(1)] == a[:1]
+    draws = [Sampler(temperature=1.0, seed=i, min_p=0.2)(s.logits) for i in range(40)]
+    probs = np.array(mx.softmax(s.logits))
+    assert all(probs[d] >= 0.2 * probs.max() - 1e-9 for d in draws)
+    assert len(set(draws)) > 1  # it does sample
+    nucleus = [Sampler(temperature=1.0, seed=i, top_p=0.3, min_p=0.0)(s.logits) for i in range(40)]
+    order = np.argsort(-probs)
+    keep = order[:np.searchsorted(np.cumsum(probs[order]), 0.3) + 1]
+    assert set(nucleus) <= set(keep.tolist())
+
+
+def test_non_finite_logits_are_an_error_not_token_0(engine):
+    s = Session(engine, CTX, 32)
+    s.sync([0, 1, 2])
+    s._logits = mx.array(np.full(engine.config.n_vocab, np.nan, np.float32))
+    with pytest.raises(SessionError, match="non-finite"):
+        s.argmax()
