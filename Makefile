@@ -20,6 +20,7 @@ test-all:
 bench:
 	$(BIN)/python speed-bench/bench_codecs.py
 	$(BIN)/python speed-bench/bench_open.py
+	$(BIN)/python speed-bench/bench_forward.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -111,6 +111,15 @@ def test_slice_1_preset_has_real_widths_and_loads(tmp_path):
     ids = model.tensors["blk.0.ffn_gate_tid2eid.weight"].data()[:1000]
     assert ids.min() >= 0 and ids.max() < 16
     assert all(len(set(row)) == 6 for row in ids.tolist())
+    # The real-width file runs through the same forward: one prompt step and one decode step.
+    from ds4.session import Engine, Session
+
+    s = Session(Engine(str(path), model), ctx=64)
+    s.sync([0, 1000, 2000])
+    s.eval(s.argmax())
+    import mlx.core as mx
+
+    assert s.pos == 4 and s.logits.shape == (129280,) and bool(mx.all(mx.isfinite(s.logits)))
 
 
 BAD_META = [

@@ -88,6 +88,23 @@ def test_sync_reuses_prefix_and_aligns_chunks(engine):
     close(s.logits, fresh_logits(engine, s.tokens, chunk=7))
 
 
+def test_interrupted_sync_keeps_the_last_finished_chunk(engine):
+    """Ctrl+C during a long prefill: the session holds the chunks already done, consistently."""
+    def interrupt(done, total):
+        if done >= 16:
+            raise KeyboardInterrupt
+
+    s = Session(engine, CTX, 8, progress=interrupt)
+    prompt = [0] + list(range(50, 90))
+    with pytest.raises(KeyboardInterrupt):
+        s.sync(prompt)
+    assert s.valid and s.tokens == prompt[:16]
+    close(s.logits, fresh_logits(engine, prompt[:16]))
+    s.progress = None
+    s.sync(prompt)
+    close(s.logits, fresh_logits(engine, prompt))
+
+
 def test_rewind_restores_or_invalidates(engine):
     s = Session(engine, CTX, 32)
     s.sync([0, 5, 6, 7])
