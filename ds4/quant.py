@@ -307,21 +307,19 @@ def _check_data(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> np.ndarr
     return data
 
 
-class QuantWeight:
-    """A 2-D GGUF weight W [out, in] (GGUF dims [in, out]) kept in its GGUF form on the device.
+class _DeviceBlocks:
+    """GGUF rows [..., out, in] kept on the device: Q8_0 and Q4_K transcoded once to MLX affine
+    blocks (w_q, scales, biases), the other types as their GGUF bytes (blocks)."""
 
-    Q8_0 and Q4_K are transcoded once to MLX affine blocks; the other types keep their GGUF
-    bytes and are decoded when used. `w(x)` computes x @ W.T in float32.
-    """
-
-    def __init__(self, data: np.ndarray, qtype: QT, shape: tuple[int, int]):
+    def __init__(self, data: np.ndarray, qtype: QT, shape: tuple[int, ...]):
         self.qtype = QT(qtype)
-        self.shape = (int(shape[0]), int(shape[1]))
-        out_dim, in_dim = self.shape
+        self.shape = tuple(int(s) for s in shape)
         data = _check_data(data, self.qtype, self.shape)
         self.bits = AFFINE_BITS.get(self.qtype)
         if self.bits is not None:
-            self.w_q, self.scales, self.biases = _transcode(data, self.qtype, in_dim)
+            flat = data.reshape(-1, data.shape[-1])
+            lead = self.shape[:-1]
+            self.w_q, self.scales, self.biases = (a.reshape(*lead, -1) for a in _transcode(flat, self.qtype, self.shape[-1]))
         else:
             self.blocks = mx.array(np.ascontiguousarray(data))
 
@@ -331,6 +329,14 @@ class QuantWeight:
         if self.bits is not None:
             return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes
         return self.blocks.nbytes
+
+
+class QuantWeight(_DeviceBlocks):
+    """A 2-D GGUF weight W [out, in] (GGUF dims [in, out]) kept in its GGUF form on the device.
+
+    Q8_0 and Q4_K are transcoded once to MLX affine blocks; the other types keep their GGUF
+    bytes and are decoded when used. `w(x)` computes x @ W.T in float32.
+    """
 
     def dequantize(self) -> mx.array:
         """The weight as float32 [out, in]."""
@@ -366,7 +372,7 @@ class QuantWeight:
         return x @ self.dequantize().T
 
 
-class QuantExperts:
+class QuantExperts(_DeviceBlocks):
     """Routed experts [n_expert, out, in] from a 3-D GGUF tensor (GGUF dims [in, out, n_expert],
     expert e contiguous), multiplied only for the experts each row selects.
 
@@ -376,28 +382,6 @@ class QuantExperts:
     (one sync), so each chosen expert is decoded once per call; a single row (decode) gathers
     its k experts directly and never syncs.
     """
-
-    def __init__(self, data: np.ndarray, qtype: QT, shape: tuple[int, int, int]):
-        self.qtype = QT(qtype)
-        self.shape = tuple(int(s) for s in shape)
-        n_expert, out_dim, in_dim = self.shape
-        data = _check_data(data, self.qtype, self.shape)
-        self.bits = AFFINE_BITS.get(self.qtype)
-        if self.bits is not None:
-            flat = data.reshape(n_expert * out_dim, -1)
-            w_q, scales, biases = _transcode(flat, self.qtype, in_dim)
-            self.w_q = w_q.reshape(n_expert, out_dim, -1)
-            self.scales = scales.reshape(n_expert, out_dim, -1)
-            self.biases = biases.reshape(n_expert, out_dim, -1)
-        else:
-            self.blocks = mx.array(np.ascontiguousarray(data))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held on the device."""
-        if self.bits is not None:
-            return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes
-        return self.blocks.nbytes
 
     def dequantize(self, experts: mx.array) -> mx.array:
         """Experts `experts` [U] as float32 [U, out, in]."""

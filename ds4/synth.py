@@ -28,7 +28,7 @@ from ds4 import codecs
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error
 from ds4.gguf import TensorOut, ValueType, tensor_nbytes, write_gguf
-from ds4.layout import (ROUTED_TYPES, TensorSpec, base_optional_specs, base_tensor_specs,
+from ds4.layout import (TensorSpec, base_optional_specs, base_tensor_specs,
                         mtp_tensor_specs)
 
 # Dimensions of the `tiny` preset. 5 layers: 0-1 sliding window, 2 ratio-4 + indexer (hash
