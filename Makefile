@@ -21,6 +21,7 @@ bench:
 	$(BIN)/python speed-bench/bench_codecs.py
 	$(BIN)/python speed-bench/bench_open.py
 	$(BIN)/python speed-bench/bench_forward.py
+	$(BIN)/python speed-bench/bench_mtp.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -339,8 +339,8 @@ def attention(w, config: ModelConfig, ratio: int, a: mx.array, p0: int, lc, nume
     keys = mx.concatenate([lc.raw, kv], axis=0)
     key_pos = np.arange(p0 - W, p0 + T)
     p = positions[:, None]
-    mask = mx.array((key_pos[None] <= p) & (key_pos[None] > p - W) & (key_pos[None] >= 0))
-    new_lc = LayerCache(keys[-W:])
+    mask = mx.array((key_pos[None] <= p) & (key_pos[None] > p - W) & (key_pos[None] >= lc.raw_start))
+    new_lc = LayerCache(keys[-W:], raw_start=lc.raw_start)
 
     if ratio:
         comp = _update_compressor(lc.comp, w.attn_compressor_kv, w.attn_compressor_gate,
@@ -359,7 +359,7 @@ def attention(w, config: ModelConfig, ratio: int, a: mx.array, p0: int, lc, nume
             comp_mask = mx.arange(n_rows)[None, :] < mx.array(n_visible)[:, None]
         keys = mx.concatenate([keys, comp.rows[:n_rows]], axis=0)
         mask = mx.concatenate([mask, comp_mask], axis=1)
-        new_lc = LayerCache(new_lc.raw, comp, index)
+        new_lc = LayerCache(new_lc.raw, comp, index, lc.raw_start)
 
     o = attend_with_sinks(q, keys, mask, w.attn_sinks)
     o = rope_tail(o, cos, sin, inverse=True)

@@ -40,6 +40,7 @@ class LayerCache:
     raw: mx.array  # [n_swa, head_dim]: rows of positions pos - n_swa .. pos - 1
     comp: CompressorState | None = None
     index: CompressorState | None = None
+    raw_start: int = 0  # first position with a raw row (the MTP cache may start mid-sequence)
 
     def arrays(self) -> list[mx.array]:
         out = [self.raw]

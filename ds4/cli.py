@@ -15,8 +15,9 @@ import click
 from ds4.attention import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
-from ds4.generate import ThinkPrinter, generate
+from ds4.generate import ThinkPrinter, generate, generate_speculative
 from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
+from ds4.speculative import SpecOptions, SpecStats, json_logger
 
 DEFAULT_MODEL = "./ds4flash.gguf"
 
@@ -120,10 +121,20 @@ THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": 
 @click.option("--logprobs-top-k", type=click.IntRange(1, 128), default=20, show_default=True)
 @click.option("--prefill-chunk", type=click.IntRange(min=1), help="prefill chunk size (default 2048, or ctx if smaller)")
 @click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]), help="default: the best available")
+@click.option("--mtp-draft", type=click.IntRange(1, 16), help="MTP drafts per cycle (default 1: continuous depth-1)")
+@click.option("--mtp-margin", type=click.FloatRange(0, 1000), default=3.0, show_default=True,
+              help="keep drafting only while the MTP top1-top2 logit margin is at least this (0: off)")
+@click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 cycle (the default with --mtp)")
+@click.option("--mtp-fast-verify", is_flag=True, help="always verify in one batched pass (near-greedy)")
+@click.option("--quality", is_flag=True, help="exact kernels and the exact MTP verifier")
+@click.option("--mtp-log", type=click.Path(dir_okay=False), help="write one JSON line per speculative cycle")
+@click.option("--mtp-adaptive/--no-mtp-adaptive", default=True, show_default=True,
+              help="fall back to plain decode while speculation does not pay")
 @click.option("--act-quant", is_flag=True,
               help="int8-quantize activations before quantized matmuls as ds4's CPU path does (to compare logits with it)")
 def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tokens, temp, top_p, top_k, min_p,
-        seed, ctx, system, think, dump_tokens, dump_logprobs, logprobs_top_k, prefill_chunk, backend, act_quant):
+        seed, ctx, system, think, dump_tokens, dump_logprobs, logprobs_top_k, prefill_chunk, backend, mtp_draft,
+        mtp_margin, mtp_continuous, mtp_fast_verify, quality, mtp_log, mtp_adaptive, act_quant):
     """DeepSeek V4 Flash inference on MLX."""
     from ds4.loader import open_model, open_mtp
 
@@ -157,8 +168,20 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
     if ids is not None and len(ids) >= ctx:
         raise Ds4Error(f"prompt of {len(ids)} tokens exceeds the context of {ctx} tokens (raise --ctx)")
     backend = _select_backend(backend)
-    engine = Engine(model_file.path, model_file, Numerics(act_quant=act_quant))
+    continuous = mtp_continuous or os.environ.get("DS4_MTP_CONTINUOUS") == "1"
+    if continuous and mtp_draft not in (None, 1):
+        raise click.UsageError("--mtp-continuous drafts one token per cycle; it cannot take --mtp-draft > 1")
+    speculate = mtp_path is not None and temp == 0 and ids is not None and not dump_logprobs
+    if mtp_path is not None and not speculate:
+        click.echo("ds4: MTP drafts are used only for greedy generation (--temp 0); decoding without them",
+                   err=True)
+    engine = Engine(model_file.path, model_file, Numerics(act_quant=act_quant), mtp_path if speculate else None)
     session = Session(engine, ctx, prefill_chunk)
+    if speculate:
+        exact = quality or os.environ.get("DS4_MTP_STRICT") == "1" or not mtp_fast_verify
+        spec = SpecOptions(draft=mtp_draft or 1, margin=mtp_margin, exact=exact)
+        click.echo(f"ds4: MTP support model loaded: {mtp_path} (draft={spec.draft}, "
+                   f"verify={'exact' if exact else 'fast'})", err=True)
     c = model_file.config
     click.echo(f"ds4: context buffers {c.kv_cache_bytes(ctx, session.prefill_chunk) / 2**20:.2f} MiB "
                f"(ctx={ctx}, backend={backend}, prefill_chunk={session.prefill_chunk}, "
@@ -176,13 +199,24 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
     stream = tok.stream_decoder()
     bar = _prefill_bar(session, len(ids))
     try:
-        stats = generate(session, ids, n_tokens, sampler, tok.eos_id, on_token=lambda t: printer.write(stream.push(t)))
+        emit = lambda t: printer.write(stream.push(t))  # noqa: E731
+        if speculate:
+            err = lambda line: click.echo(line, err=True)  # noqa: E731
+            spec_stats = SpecStats(log=json_logger(mtp_log) if mtp_log else None,
+                                   spec_log=err if os.environ.get("DS4_MTP_SPEC_LOG") else None,
+                                   conf_log=err if os.environ.get("DS4_MTP_CONF_LOG") else None)
+            stats = generate_speculative(session, ids, n_tokens, tok.eos_id, spec, spec_stats, emit,
+                                         adaptive=mtp_adaptive)
+        else:
+            stats = generate(session, ids, n_tokens, sampler, tok.eos_id, on_token=emit)
     finally:
         if bar is not None:
             bar.close()
         printer.write(stream.flush())
         printer.close()
     click.echo(stats.line(), err=True)
+    if speculate:
+        click.echo(spec_stats.summary(), err=True)
 
 
 def _prefill_bar(session: Session, n_prompt: int):

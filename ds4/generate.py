@@ -106,3 +106,47 @@ def generate(session: Session, prompt: list[int], max_tokens: int, sampler: Samp
     finally:
         stats.decode_seconds = time.perf_counter() - t0
     return stats
+
+
+def generate_speculative(session: Session, prompt: list[int], max_tokens: int, eos_id: int, opts, stats,
+                         on_token: Callable[[int], None] | None = None, drafter=None, adaptive: bool = True,
+                         gen: GenerationStats | None = None) -> GenerationStats:
+    """Greedy generation with MTP speculation (speculative.py); the committed stream is the one
+    `generate` gives with greedy sampling. With `adaptive`, cycles that do not pay for
+    themselves make way for plain steps for a while (AdaptiveGate)."""
+    from ds4.speculative import AdaptiveGate, plain_step, speculative_step
+
+    gen = gen or GenerationStats()
+    gen.prompt_tokens = len(prompt)
+    t0 = time.perf_counter()
+    session.sync(prompt)
+    gen.prefill_seconds = time.perf_counter() - t0
+    budget = min(max_tokens, session.ctx - session.pos - 1)
+    gate = AdaptiveGate() if adaptive else None
+    t0 = time.perf_counter()
+    try:
+        while len(gen.generated) < budget:
+            left = budget - len(gen.generated)
+            t_step = time.perf_counter()
+            if gate is not None and not gate.speculate():
+                token = session.argmax()
+                if token == eos_id:
+                    gen.stopped_by_eos = True
+                    break
+                plain_step(session, token, stats)
+                gate.record_plain(time.perf_counter() - t_step)
+                committed = [token]
+            else:
+                committed = speculative_step(session, opts, left, eos_id, stats, drafter)
+                if committed == [eos_id]:
+                    gen.stopped_by_eos = True
+                    break
+                if gate is not None:
+                    gate.record_cycle(len(committed), time.perf_counter() - t_step)
+            for token in committed:
+                gen.generated.append(token)
+                if on_token is not None:
+                    on_token(token)
+    finally:
+        gen.decode_seconds = time.perf_counter() - t0
+    return gen

@@ -25,7 +25,8 @@ import numpy as np
 from ds4.attention import Numerics
 from ds4.cache import CompressorState, LayerCache, ModelCache
 from ds4.errors import Ds4Error
-from ds4.loader import ModelFile, open_model
+from ds4.loader import ModelFile, open_model, open_mtp
+from ds4.mtp import same_position_pairing
 
 DEFAULT_CTX = 32768
 MAX_CHECKPOINTS = 4
@@ -41,15 +42,28 @@ def default_prefill_chunk(ctx: int) -> int:
 
 
 class Engine:
-    """A loaded model: validated file, weights on the device, tokenizer. Immutable after load."""
+    """A loaded model: validated file, weights on the device, tokenizer, and the MTP head when an
+    MTP file is given. Immutable after load."""
 
-    def __init__(self, model_path: str, model_file: ModelFile | None = None, numerics: Numerics = Numerics()):
+    def __init__(self, model_path: str, model_file: ModelFile | None = None, numerics: Numerics = Numerics(),
+                 mtp_path: str | None = None):
         from ds4.model import Model
+        from ds4.mtp import MTPHead
 
         self.file = model_file or open_model(model_path)
         self.config = self.file.config
         self.tokenizer = self.file.tokenizer()
         self.model = Model(self.file, numerics)
+        self.mtp = MTPHead(open_mtp(mtp_path, self.config), self.model, numerics) if mtp_path else None
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether an M-row pass computes every row exactly as a 1-row decode does, so a batched
+        verify is bit-identical to plain decode. True on the CPU with MLX's bundled BLAS (proven
+        by the decode-vs-prefill tests); other BLAS libraries and the GPU kernels reorder sums."""
+        import ds4
+
+        return mx.default_device() == mx.cpu and ds4.BLAS is None
 
     def fingerprint(self) -> bytes:
         """sha256 over the model's header (metadata, tensor names, types, shapes, offsets) and
@@ -62,10 +76,30 @@ class Engine:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """A session state. Every field is immutable, so holding one costs only references."""
+
     tokens: tuple[int, ...]
     cache: ModelCache
-    logits: mx.array | None
-    hidden: mx.array | None
+    logits: mx.array | None  # next-token logits [V]; None: the state is invalid
+    hidden: mx.array | None  # trunk's final HC state [M, E] at the last position
+    mtp_cache: ModelCache | None = None  # MTP rows for positions up to len(tokens) - 2
+    mtp_hidden: mx.array | None = None  # MTP output HC of the last row (same-position pairing only)
+
+    def arrays(self) -> list[mx.array]:
+        out = self.cache.arrays() + [a for a in (self.logits, self.hidden, self.mtp_hidden) if a is not None]
+        return out + (self.mtp_cache.arrays() if self.mtp_cache is not None else [])
+
+
+@dataclass(frozen=True)
+class Verified:
+    """An evaluated, uncommitted forward over draft rows (see Session.verify)."""
+
+    tokens: tuple[int, ...]
+    argmax: list[int]  # greedy token after each row
+    finite: list[bool]  # whether each row's logits are all finite
+    logits: mx.array  # [T, V]
+    cache: ModelCache
+    hidden: mx.array  # [T, M, E]
 
 
 class Session:
@@ -76,10 +110,12 @@ class Session:
         ctx: context size in tokens (the cache capacity).
         prefill_chunk: tokens per prefill step; chunks are aligned to absolute multiples of it.
         progress: called as progress(done, total) after each prefill chunk.
+        use_mtp: keep the MTP head's cache in step with the trunk (default: when the engine has
+            one). Off for sampled generation, where drafts would go unused.
     """
 
     def __init__(self, engine: Engine, ctx: int = DEFAULT_CTX, prefill_chunk: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, use_mtp: bool | None = None):
         if ctx < 2:
             raise SessionError(f"context size {ctx} is too small, expected at least 2")
         self.engine = engine
@@ -89,6 +125,7 @@ class Session:
         if self.prefill_chunk < 1:
             raise SessionError(f"prefill chunk {prefill_chunk} is invalid, expected at least 1")
         self.progress = progress
+        self.use_mtp = engine.mtp is not None if use_mtp is None else use_mtp and engine.mtp is not None
         self._checkpoints: list[Snapshot] = []
         self.invalidate()
 
@@ -96,51 +133,69 @@ class Session:
 
     @property
     def valid(self) -> bool:
-        return self._valid
+        return self._state.logits is not None
 
     @property
     def tokens(self) -> list[int]:
-        return list(self._tokens)
+        return list(self._state.tokens)
 
     @property
     def pos(self) -> int:
-        return len(self._tokens)
+        return len(self._state.tokens)
 
     @property
     def logits(self) -> mx.array:
         """Logits [V] of the next token (float32)."""
         self._require_logits()
-        return self._logits
+        return self._state.logits
 
     @property
     def hidden(self) -> mx.array | None:
         """The trunk's final HC state [M, E] at the last position (the MTP head's input)."""
-        return self._hidden
+        return self._state.hidden
 
-    def _commit(self, tokens, cache: ModelCache, logits: mx.array, hidden: mx.array) -> None:
-        self._tokens, self._cache, self._logits, self._hidden = tuple(tokens), cache, logits, hidden
-        self._valid = True
+    @property
+    def mtp_cache(self) -> ModelCache | None:
+        return self._state.mtp_cache
+
+    def _set(self, state: Snapshot) -> None:
+        """Evaluate a new state, then make it current: an interruption leaves the old one."""
+        mx.eval(*state.arrays())
+        self._state = state
 
     def invalidate(self) -> None:
         """Forget everything; the next sync prefills from scratch."""
-        self._tokens = ()
-        self._cache = ModelCache.empty(self.config, self.ctx)
-        self._logits = None
-        self._hidden = None
-        self._valid = False
+        mtp = self.engine.mtp.empty_cache(self.ctx) if self.use_mtp else None
+        self._state = Snapshot((), ModelCache.empty(self.config, self.ctx), None, None, mtp)
 
     def _require_logits(self) -> None:
-        if not self._valid or self._logits is None:
+        if not self.valid:
             raise SessionError("the session has no logits: sync a prompt first")
 
     # -- stepping ---------------------------------------------------------------------------------
 
+    def _advanced(self, tokens: tuple[int, ...], logits: mx.array, cache: ModelCache, X: mx.array) -> Snapshot:
+        """The state after committing `tokens` whose forward gave (last logits, cache, HC rows X).
+
+        The MTP cache gets the rows that became complete: position q pairs h_q with token q+1,
+        so the new rows run from the old last position to the new second-to-last. (With the
+        same-position diagnostic pairing, row q pairs h_q with token q: every new row.)"""
+        old = self._state
+        mtp_cache, mtp_hidden = old.mtp_cache, None
+        if mtp_cache is not None and same_position_pairing():
+            _, mtp_cache, M = self.engine.mtp.forward(X, tokens, mtp_cache, head=False)
+            mtp_hidden = M[-1]
+        elif mtp_cache is not None:
+            hidden = X[:-1] if old.hidden is None else mx.concatenate([old.hidden[None], X[:-1]])
+            paired = tokens if old.hidden is not None else tokens[1:]
+            if paired:
+                _, mtp_cache, _ = self.engine.mtp.forward(hidden, paired, mtp_cache, head=False)
+        return Snapshot(old.tokens + tokens, cache, logits, X[-1], mtp_cache, mtp_hidden)
+
     def _run(self, tokens: list[int]) -> None:
         """Feed tokens after the current state in one forward and commit the result."""
-        logits, cache, X = self.engine.model.forward(tokens, self._cache)
-        logits, hidden = logits[-1], X[-1]
-        mx.eval(logits, hidden, *cache.arrays())
-        self._commit(self._tokens + tuple(tokens), cache, logits, hidden)
+        logits, cache, X = self.engine.model.forward(tokens, self._state.cache)
+        self._set(self._advanced(tuple(tokens), logits[-1], cache, X))
 
     def eval(self, token: int) -> None:
         """Decode one token at the next position."""
@@ -148,6 +203,26 @@ class Session:
         if self.pos + 1 >= self.ctx:
             raise SessionError(f"context is full ({self.ctx} tokens)")
         self._run([int(token)])
+
+    def verify(self, rows: list[int]) -> Verified:
+        """Run rows after the current state in one M-row pass without committing: the greedy
+        token after each row and whether its logits are finite come back in one host sync."""
+        self._require_logits()
+        if self.pos + len(rows) >= self.ctx:
+            raise SessionError(f"{len(rows)} rows do not fit the context left ({self.ctx - self.pos - 1})")
+        logits, cache, X = self.engine.model.forward(rows, self._state.cache, all_logits=True)
+        finite = mx.all(mx.isfinite(logits), axis=-1)
+        top = mx.argmax(logits, axis=-1)
+        mx.eval(top, finite, logits, X, *cache.arrays())
+        return Verified(tuple(rows), top.tolist(), finite.tolist(), logits, cache, X)
+
+    def accept(self, v: Verified, n: int) -> None:
+        """Commit the first n rows of a verified pass. All rows: its cache and logits as they are.
+        Fewer: the cache after n rows was never materialised, so they are recomputed."""
+        if n == len(v.tokens):
+            self._set(self._advanced(v.tokens, v.logits[-1], v.cache, v.hidden))
+        elif n > 0:
+            self._run(list(v.tokens[:n]))
 
     def sync(self, tokens) -> None:
         """Bring the state to exactly `tokens`: reuse the live prefix (or the longest remembered
@@ -157,7 +232,7 @@ class Session:
             raise SessionError("cannot sync an empty prompt")
         if len(tokens) >= self.ctx:
             raise SessionError(f"prompt of {len(tokens)} tokens exceeds the context of {self.ctx} tokens")
-        if not (self._valid and tokens[:self.pos] == self._tokens):
+        if not (self.valid and tokens[:self.pos] == self._state.tokens):
             best = max((s for s in self._checkpoints if tokens[:len(s.tokens)] == s.tokens),
                        key=lambda s: len(s.tokens), default=None)
             if best is not None:
@@ -177,8 +252,8 @@ class Session:
 
     def snapshot(self) -> Snapshot:
         """The current state (cheap: references to immutable arrays), remembered for rewind."""
-        snap = Snapshot(self._tokens, self._cache, self._logits if self._valid else None, self._hidden)
-        if self._valid:
+        snap = self._state
+        if self.valid:
             self._checkpoints = [s for s in self._checkpoints if s.tokens != snap.tokens][-(MAX_CHECKPOINTS - 1):]
             self._checkpoints.append(snap)
         return snap
@@ -189,7 +264,9 @@ class Session:
             return
         if snap.cache.ctx != self.ctx:
             raise SessionError(f"snapshot was taken with ctx {snap.cache.ctx}, this session has {self.ctx}")
-        self._commit(snap.tokens, snap.cache, snap.logits, snap.hidden)
+        if (snap.mtp_cache is not None) != self.use_mtp:
+            raise SessionError("snapshot was taken with the MTP head " + ("off" if self.use_mtp else "on"))
+        self._state = snap
 
     def rewind(self, n: int) -> bool:
         """Drop the last n tokens by restoring a remembered snapshot of exactly that prefix.
@@ -200,8 +277,8 @@ class Session:
         if n < 0 or n > self.pos:
             raise SessionError(f"cannot rewind {n} tokens of {self.pos}")
         if n == 0:
-            return self._valid
-        target = self._tokens[:self.pos - n]
+            return self.valid
+        target = self._state.tokens[:self.pos - n]
         for s in reversed(self._checkpoints):
             if s.tokens == target:
                 self.restore(s)
@@ -215,7 +292,7 @@ class Session:
         """Greedy next token: the lowest id among the maxima. Non-finite logits are an error,
         never a silent token 0 (upstream #750)."""
         self._require_logits()
-        logits = self._logits
+        logits = self._state.logits
         if not bool(mx.all(mx.isfinite(logits))):
             raise SessionError("non-finite logits")
         return int(mx.argmax(logits))
@@ -223,7 +300,7 @@ class Session:
     def top_logprobs(self, k: int) -> list[tuple[int, float, float]]:
         """The k most likely next tokens as (id, logit, logprob), descending (log-softmax in float64)."""
         self._require_logits()
-        logits = np.asarray(self._logits, dtype=np.float64)
+        logits = np.asarray(self._state.logits, dtype=np.float64)
         finite = np.isfinite(logits)
         m = logits[finite].max()
         lse = m + np.log(np.sum(np.exp(logits[finite] - m)))
@@ -232,7 +309,7 @@ class Session:
 
     def sample(self, sampler: "Sampler") -> int:
         self._require_logits()
-        return sampler(self._logits)
+        return sampler(self._state.logits)
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -281,14 +358,14 @@ class Session:
     def _payload(self) -> bytes:
         c, n = self.config, self.pos
         raw_live = min(n, c.n_swa)
-        layers = self._cache.layers
+        layers = self._state.cache.layers
         n_comp = [n // c.ratio(il) if c.ratio(il) else 0 for il in range(c.n_layer)]
         n_index = [n_comp[il] if c.ratio(il) == 4 else 0 for il in range(c.n_layer)]
         parts = [struct.pack("<13I", PAYLOAD_MAGIC, 1, self.ctx, self.prefill_chunk,
                              c.raw_cap(self.ctx, self.prefill_chunk), c.n_swa, self.ctx // 4 + 2, n,
                              c.n_layer, c.head_dim, c.indexer_head_dim, c.n_vocab, raw_live),
-                 np.asarray(self._tokens, np.uint32).tobytes(),
-                 np.asarray(self._logits, np.float32).tobytes(),
+                 np.asarray(self._state.tokens, np.uint32).tobytes(),
+                 np.asarray(self._state.logits, np.float32).tobytes(),
                  np.asarray(n_comp, np.uint32).tobytes(), np.asarray(n_index, np.uint32).tobytes()]
         arrays = []
         for il, lc in enumerate(layers):
@@ -351,9 +428,9 @@ class Session:
         if pos != len(buf):
             raise SessionError(f"{path}: saved session has {len(buf) - pos} trailing bytes")
         cache = ModelCache(int(n), self.ctx, tuple(layers))
-        mx.eval(*cache.arrays())
-        # The trunk's HC state is not part of the payload (as in ds4): the MTP anchor restarts.
-        self._commit(tuple(int(t) for t in tokens), cache, mx.array(logits), None)
+        # The trunk's HC state is not part of the payload (as in ds4): MTP rows restart after it.
+        mtp = self.engine.mtp.empty_cache(self.ctx, start=int(n)) if self.use_mtp else None
+        self._set(Snapshot(tuple(int(t) for t in tokens), cache, mx.array(logits), None, mtp))
 
 
 SAVE_MAGIC = b"DS4SESS\0"

@@ -3,6 +3,7 @@ and rewinds restore real states, saved sessions refuse the wrong model or corrup
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import mlx.core as mx
@@ -197,6 +198,6 @@ def test_sampling(engine):
 def test_non_finite_logits_are_an_error_not_token_0(engine):
     s = Session(engine, CTX, 32)
     s.sync([0, 1, 2])
-    s._logits = mx.array(np.full(engine.config.n_vocab, np.nan, np.float32))
+    s._state = dataclasses.replace(s._state, logits=mx.array(np.full(engine.config.n_vocab, np.nan, np.float32)))
     with pytest.raises(SessionError, match="non-finite"):
         s.argmax()
