@@ -110,17 +110,22 @@ def fp8_e4m3_round(v: mx.array) -> mx.array:
     return mx.round(v / step) * step
 
 
+def _block_round_trip(x: mx.array, block: int, amax_floor: float, top: float, rounder) -> mx.array:
+    """Round-trip rows x [..., n] in blocks along the last axis, each with a power-of-two scale
+    2^ceil(log2(amax / top)) (amax floored at `amax_floor`): rounder(clip(x/scale)) * scale."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = mx.maximum(mx.max(mx.abs(blocks), axis=-1, keepdims=True), amax_floor)
+    scale = _pow2_ceil_scale(amax, top)
+    return (rounder(mx.clip(blocks / scale, -top, top)) * scale).reshape(x.shape)
+
+
 def fp8_round_trip(x: mx.array, n_dims: int) -> mx.array:
     """FP8 E4M3 round-trip of the first `n_dims` dims of rows x [..., D] in blocks of 64, each with
     a power-of-two scale; the remaining (RoPE) dims pass through."""
     if n_dims == 0:
         return x
-    head, tail = x[..., :n_dims], x[..., n_dims:]
-    blocks = head.reshape(*head.shape[:-1], n_dims // FP8_BLOCK, FP8_BLOCK)
-    amax = mx.maximum(mx.max(mx.abs(blocks), axis=-1, keepdims=True), 1e-4)
-    scale = _pow2_ceil_scale(amax, FP8_MAX)
-    q = fp8_e4m3_round(mx.clip(blocks / scale, -FP8_MAX, FP8_MAX)) * scale
-    return mx.concatenate([q.reshape(head.shape), tail], axis=-1)
+    head = _block_round_trip(x[..., :n_dims], FP8_BLOCK, 1e-4, FP8_MAX, fp8_e4m3_round)
+    return mx.concatenate([head, x[..., n_dims:]], axis=-1)
 
 
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between consecutive E2M1 magnitudes
@@ -149,13 +154,7 @@ def _hadamard(n: int) -> mx.array:
 def hadamard_fp4_round_trip(x: mx.array) -> mx.array:
     """Walsh-Hadamard rotation (scaled 1/sqrt(n)) of rows x [..., n], then an FP4 E2M1 round-trip
     in blocks of 32 with power-of-two scales (the indexer's q and key rows)."""
-    n = x.shape[-1]
-    y = x @ _hadamard(n)
-    blocks = y.reshape(*y.shape[:-1], n // FP4_BLOCK, FP4_BLOCK)
-    amax = mx.maximum(mx.max(mx.abs(blocks), axis=-1, keepdims=True), 7.05e-38)
-    scale = _pow2_ceil_scale(amax, FP4_MAX)
-    q = fp4_e2m1_round(mx.clip(blocks / scale, -FP4_MAX, FP4_MAX)) * scale
-    return q.reshape(y.shape)
+    return _block_round_trip(x @ _hadamard(x.shape[-1]), FP4_BLOCK, 7.05e-38, FP4_MAX, fp4_e2m1_round)
 
 
 def f16_round(x: mx.array) -> mx.array:

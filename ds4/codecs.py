@@ -162,15 +162,21 @@ def _quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
 #   w = d * s_j * q - dmin * m_j
 
 
-def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
-    N = blocks.shape[0]
-    x = blocks.reshape(N, 16, 16)
-    s, m = _fit_scale_min(x, nmax=3)
-    d, sc = _quantize_scales(s, 15)
-    dmin, mc = _quantize_scales(m, 15)
+def _k_quant(x: np.ndarray, nmax: int, code_max: int):
+    """The shared part of Q2_K and Q4_K: per sub-block scale and min ([N, S, L] input), both
+    quantized to `code_max`-level codes under an f16 super-block d / dmin, then the element codes.
+    Returns (d, scale codes, dmin, min codes, element codes [N, S, L])."""
+    s, m = _fit_scale_min(x, nmax=nmax)
+    d, sc = _quantize_scales(s, code_max)
+    dmin, mc = _quantize_scales(m, code_max)
     scale = d.astype(np.float32)[:, None] * sc
     mins = dmin.astype(np.float32)[:, None] * mc
-    q = _codes_for(x, scale[..., None], mins[..., None], 3)  # [N, 16, 16]
+    return d, sc, dmin, mc, _codes_for(x, scale[..., None], mins[..., None], nmax)
+
+
+def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    N = blocks.shape[0]
+    d, sc, dmin, mc, q = _k_quant(blocks.reshape(N, 16, 16), nmax=3, code_max=15)  # q [N, 16, 16]
     q = q.reshape(N, 2, 4, 32)  # [N, half n, shift k, l]
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
     return np.concatenate([sc | (mc << 4), qs.reshape(N, 64), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
@@ -198,13 +204,8 @@ def _pack_q4_k_scales(sc: np.ndarray, mc: np.ndarray) -> np.ndarray:
 
 def _quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
     N = blocks.shape[0]
-    x = blocks.reshape(N, 8, 32)
-    s, m = _fit_scale_min(x, nmax=15)
-    d, sc = _quantize_scales(s, 63)
-    dmin, mc = _quantize_scales(m, 63)
-    scale = d.astype(np.float32)[:, None] * sc
-    mins = dmin.astype(np.float32)[:, None] * mc
-    q = _codes_for(x, scale[..., None], mins[..., None], 15).reshape(N, 4, 2, 32)
+    d, sc, dmin, mc, q = _k_quant(blocks.reshape(N, 8, 32), nmax=15, code_max=63)
+    q = q.reshape(N, 4, 2, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 4)
     return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_q4_k_scales(sc, mc), qs.reshape(N, 128)], axis=1)
 

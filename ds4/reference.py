@@ -104,14 +104,19 @@ def e4m3_round(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.minimum(np.rint(a / step) * step, E4M3_MAX)
 
 
-def fp8_e4m3_roundtrip(x: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """§10.2 FP8 round trip in blocks along the last axis: amax = max(max|x|, 1e-4),
-    scale = 2^ceil(log2(amax/448)), x <- E4M3(clamp(x/scale, +-448)) * scale."""
+def _block_round_trip(x: np.ndarray, block: int, amax_floor: float, top: float, rounder) -> np.ndarray:
+    """§10.2 block round trip along the last axis: amax = max(max|x|, floor),
+    scale = 2^ceil(log2(amax/top)), x <- rounder(clamp(x/scale, +-top)) * scale."""
     xb = x.reshape(*x.shape[:-1], -1, block)
-    amax = np.maximum(np.max(np.abs(xb), axis=-1, keepdims=True), FP8_AMAX_FLOOR)
-    scale = pow2_ceil(amax / E4M3_MAX)
-    y = e4m3_round(np.clip(xb / scale, -E4M3_MAX, E4M3_MAX)) * scale
+    amax = np.maximum(np.max(np.abs(xb), axis=-1, keepdims=True), amax_floor)
+    scale = pow2_ceil(amax / top)
+    y = rounder(np.clip(xb / scale, -top, top)) * scale
     return y.reshape(x.shape)
+
+
+def fp8_e4m3_roundtrip(x: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
+    """§10.2 FP8 round trip: blocks of 64, amax floor 1e-4, E4M3 values up to 448."""
+    return _block_round_trip(x, block, FP8_AMAX_FLOOR, E4M3_MAX, e4m3_round)
 
 
 def e2m1_round(x: np.ndarray) -> np.ndarray:
@@ -126,13 +131,8 @@ def e2m1_round(x: np.ndarray) -> np.ndarray:
 
 
 def fp4_e2m1_roundtrip(x: np.ndarray, block: int = FP4_BLOCK) -> np.ndarray:
-    """§10.2 FP4 round trip in blocks along the last axis: amax = max(max|x|, 7.05e-38),
-    scale = 2^ceil(log2(amax/6)), x <- E2M1(clamp(x/scale, +-6)) * scale."""
-    xb = x.reshape(*x.shape[:-1], -1, block)
-    amax = np.maximum(np.max(np.abs(xb), axis=-1, keepdims=True), FP4_AMAX_FLOOR)
-    scale = pow2_ceil(amax / E2M1_MAX)
-    y = e2m1_round(np.clip(xb / scale, -E2M1_MAX, E2M1_MAX)) * scale
-    return y.reshape(x.shape)
+    """§10.2 FP4 round trip: blocks of 32, amax floor 7.05e-38, E2M1 values up to 6."""
+    return _block_round_trip(x, block, FP4_AMAX_FLOOR, E2M1_MAX, e2m1_round)
 
 
 def hadamard(x: np.ndarray) -> np.ndarray:
