@@ -70,7 +70,7 @@ class SpecStats:
         per_cycle = self.committed / self.cycles if self.cycles else 0.0
         passes = self.trunk_passes / self.committed if self.committed else 0.0
         spec_pass = (self.t_verify + self.t_rollback) / max(1, self.trunk_passes - self.plain_steps)
-        ratio = f"{spec_pass / (self.t_plain / self.plain_steps):.2f}" if self.plain_steps else "n/a"
+        ratio = f"{spec_pass / (self.t_plain / self.plain_steps):.2f}" if self.plain_steps and self.cycles else "n/a"
         return (f"ds4: mtp: {self.cycles} cycles, drafts accepted {acc}, {per_cycle:.2f} tokens/cycle, "
                 f"{passes:.2f} trunk passes/token, verify/plain cost {ratio}, "
                 f"time draft {self.t_draft:.2f}s verify {self.t_verify:.2f}s rollback {self.t_rollback:.2f}s, "

@@ -246,3 +246,48 @@ def test_same_position_pairing_diagnostic(engine, prompt, greedy, monkeypatch):
     out, stats, s = run(engine, prompt, SpecOptions(draft=2, margin=0), max_tokens=12)
     assert out == greedy[:12] and stats.cycles > 0
     assert s.mtp_cache.pos == s.pos  # every committed position has its row
+
+
+def test_draft_inputs_always_match_the_committed_tokens(engine, prompt):
+    """The drafting anchor (trunk state at the last position and the MTP rows) is part of the
+    session state: after sync, eval, rewind, restore and invalidate it is what a fresh session
+    synced to the same tokens holds, so a stale anchor cannot exist."""
+    s = Session(engine, CTX, 8)
+
+    def same_as_fresh():
+        fresh = Session(engine, CTX, 8)
+        fresh.sync(s.tokens)
+        np.testing.assert_array_equal(np.array(s.hidden), np.array(fresh.hidden))
+        assert s.mtp_cache.pos == fresh.mtp_cache.pos == s.pos - 1
+        for a, b in zip(s.mtp_cache.arrays(), fresh.mtp_cache.arrays()):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+
+    s.sync(prompt[:20])
+    same_as_fresh()
+    snap = s.snapshot()
+    s.eval(5)
+    s.eval(6)
+    same_as_fresh()
+    assert s.rewind(2)
+    same_as_fresh()
+    s.sync(prompt)  # extend past a chunk boundary
+    same_as_fresh()
+    s.restore(snap)
+    same_as_fresh()
+    s.invalidate()
+    s.sync(prompt[:9])
+    same_as_fresh()
+
+
+def test_speculation_resumes_after_a_loaded_session(engine, prompt, greedy, tmp_path):
+    """A saved session carries no MTP state (as in the reference engine): after load, MTP rows
+    restart at the loaded position and speculation resumes after one plain step."""
+    s = Session(engine, CTX)
+    s.sync(prompt)
+    s.save(str(tmp_path / "s.ds4"))
+    t = Session(engine, CTX)
+    t.load(str(tmp_path / "s.ds4"))
+    stats = SpecStats()
+    out = generate_speculative(t, prompt, 12, engine.tokenizer.eos_id, SpecOptions(draft=2, margin=0), stats,
+                               drafter=None, adaptive=False).generated
+    assert out == greedy[:12] and stats.plain_steps >= 1 and stats.cycles > 0
