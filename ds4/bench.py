@@ -1,13 +1,204 @@
-"""`ds4-bench`: context-frontier sweeps writing ds4-compatible CSV.
+"""`ds4-bench`: context-frontier sweeps writing ds4-compatible CSV, and `ds4-bench plot`.
 
-Not implemented yet: the command says so in one line instead of failing with an import error.
+One session walks the frontiers: incremental prefill to each frontier (timed), a snapshot,
+`--gen-tokens` greedy steps that never emit EOS (timed), a restore, the next frontier. Rows are
+`ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes` exactly as the
+reference engine writes them; with `--mtp` three columns follow (first-draft acceptance,
+committed tokens per cycle, trunk passes per token).
 """
 
 from __future__ import annotations
 
+import csv
+import math
+import os
 import sys
+import time
+
+import click
+
+from ds4.errors import Ds4Error
+
+HEADER = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes"
+MTP_HEADER = ",mtp_accept_k0,mtp_tokens_per_cycle,mtp_trunk_passes_per_token"
+BENCH_SYSTEM = "You are a helpful assistant."  # ds4-bench's default (with the period)
 
 
-def main() -> None:
-    print("ds4-bench: context sweeps are not implemented yet", file=sys.stderr)
-    sys.exit(1)
+def frontiers(start: int, stop: int, incr: int, mul: float) -> list[int]:
+    """ctx-start, then +incr (or x mul, at least +1) each time, ending exactly at ctx-max."""
+    out, f = [], start
+    while True:
+        out.append(f)
+        if f >= stop:
+            return out
+        f = min(stop, max(f + 1, math.ceil(f * mul)) if mul > 1 else f + incr)
+
+
+def generate_no_eos(session, n: int, eos: int, spec=None, stats=None) -> None:
+    """n greedy tokens that never emit EOS; with `spec`, through speculative cycles."""
+    from ds4.speculative import plain_step, speculative_step
+
+    done = 0
+    while done < n:
+        if spec is not None:
+            committed = speculative_step(session, spec, n - done, eos, stats)
+            if committed != [eos]:
+                done += len(committed)
+                continue
+            plain_step(session, session.argmax(exclude=eos), stats)
+        else:
+            session.eval(session.argmax(exclude=eos))
+        done += 1
+
+
+def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eos: int, out, spec=None,
+              progress: bool = True) -> None:
+    from tqdm import tqdm
+
+    from ds4.speculative import SpecStats
+
+    out.write(HEADER + (MTP_HEADER if spec else "") + "\n")
+    out.flush()
+    previous = 0
+    for f in tqdm(points, desc="frontiers", unit="ctx", file=sys.stderr, disable=None if progress else True):
+        t0 = time.perf_counter()
+        session.sync(prompt[:f])
+        prefill_s = time.perf_counter() - t0
+        snap = session.snapshot()
+        stats = SpecStats()
+        t0 = time.perf_counter()
+        generate_no_eos(session, gen_tokens, eos, spec, stats)
+        gen_s = time.perf_counter() - t0
+        row = (f"{f:d},{f - previous:d},{(f - previous) / prefill_s:.2f},{gen_tokens:d},"
+               f"{gen_tokens / gen_s:.2f},{session.config.kv_payload_bytes(f):d}")
+        if spec:
+            k0 = stats.accepted[0] / stats.proposed[0] if stats.proposed[0] else 0.0
+            cycles = stats.cycles + stats.plain_steps
+            row += f",{k0:.4f},{stats.committed / max(1, cycles):.3f},{stats.trunk_passes / max(1, stats.committed):.3f}"
+        out.write(row + "\n")
+        out.flush()
+        session.restore(snap)
+        previous = f
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-m", "--model", "model_path", default="./ds4flash.gguf", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="raw text, no chat template")
+@click.option("--chat-prompt-file", type=click.Path(dir_okay=False, exists=True),
+              help="the file as one no-thinking chat user message")
+@click.option("-sys", "--system", default=BENCH_SYSTEM, show_default=True, help="with --chat-prompt-file")
+@click.option("--ctx-start", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--ctx-max", type=click.IntRange(min=1), default=32768, show_default=True)
+@click.option("--ctx-alloc", type=click.IntRange(min=2), help="context allocated (default ctx-max + gen-tokens + 1)")
+@click.option("--step-incr", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--step-mul", type=click.FloatRange(min=1), default=1.0, show_default=True)
+@click.option("-n", "--gen-tokens", "--tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="output CSV (default stdout)")
+@click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]))
+@click.option("--prefill-chunk", type=click.IntRange(min=1))
+@click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="bench speculative generation")
+@click.option("--mtp-draft", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 (same as --mtp-draft 1)")
+@click.option("--mtp-margin", type=click.FloatRange(0, 1000), default=3.0, show_default=True)
+def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max, ctx_alloc, step_incr, step_mul,
+          gen_tokens, csv_path, backend, prefill_chunk, mtp_path, mtp_draft, mtp_continuous, mtp_margin):
+    """Context-frontier sweep: prefill and generation tokens/s at growing contexts."""
+    from ds4.chat import ThinkMode, render_prompt
+    from ds4.cli import _select_backend
+    from ds4.loader import open_model
+    from ds4.session import Engine, Session
+    from ds4.speculative import SpecOptions
+
+    if (prompt_file is None) == (chat_prompt_file is None):
+        raise click.UsageError("give exactly one of --prompt-file and --chat-prompt-file")
+    if ctx_start > ctx_max:
+        raise click.UsageError(f"--ctx-start {ctx_start} is above --ctx-max {ctx_max}")
+    ctx_alloc = ctx_alloc or ctx_max + gen_tokens + 1
+    if ctx_alloc <= ctx_max + gen_tokens:
+        raise click.UsageError(f"--ctx-alloc {ctx_alloc} must exceed ctx-max + gen-tokens = {ctx_max + gen_tokens}")
+    model_file = open_model(model_path)
+    tok = model_file.tokenizer()
+    text = open(prompt_file or chat_prompt_file, encoding="utf-8").read()
+    prompt = tok.encode(text) if prompt_file else render_prompt(tok, text, system, ThinkMode.NONE)
+    if len(prompt) < ctx_max:
+        raise Ds4Error(f"{prompt_file or chat_prompt_file}: the prompt has {len(prompt)} tokens, "
+                       f"expected at least --ctx-max {ctx_max}")
+    backend = _select_backend(backend)
+    engine = Engine(model_path, model_file, mtp_path=mtp_path)
+    session = Session(engine, ctx_alloc, prefill_chunk)
+    spec = SpecOptions(draft=1 if mtp_continuous else mtp_draft, margin=mtp_margin) if mtp_path else None
+    click.echo(f"ds4-bench: context buffers {model_file.config.kv_cache_bytes(ctx_alloc, session.prefill_chunk) / 2**20:.2f}"
+               f" MiB (ctx={ctx_alloc}, backend={backend}, prefill_chunk={session.prefill_chunk})", err=True)
+    points = frontiers(ctx_start, ctx_max, step_incr, step_mul)
+    if csv_path:
+        tmp = f"{csv_path}.partial"
+        try:
+            with open(tmp, "w") as out:
+                run_sweep(session, prompt, points, gen_tokens, tok.eos_id, out, spec)
+            os.replace(tmp, csv_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        run_sweep(session, prompt, points, gen_tokens, tok.eos_id, sys.stdout, spec)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("csv_files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--out", help="output stem (default: the first CSV's name + _ts); writes .svg and .png")
+@click.option("--title", default="ds4-bench", show_default=True)
+def plot(csv_files, out, title):
+    """Prefill and generation tokens/s against context, one line per CSV, on two y axes."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise Ds4Error("ds4-bench plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax_prefill = plt.subplots(figsize=(9, 5))
+    ax_gen = ax_prefill.twinx()
+    for i, path in enumerate(csv_files):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not set(HEADER.split(",")) <= set(rows[0]):
+            raise Ds4Error(f"{path}: not a ds4-bench CSV, expected the header {HEADER}")
+        ctx = [int(r["ctx_tokens"]) for r in rows]
+        label = os.path.splitext(os.path.basename(path))[0]
+        color = f"C{i}"
+        ax_prefill.plot(ctx, [float(r["prefill_tps"]) for r in rows], color=color, marker="o", label=f"{label} prefill")
+        ax_gen.plot(ctx, [float(r["gen_tps"]) for r in rows], color=color, marker="s", linestyle="--",
+                    label=f"{label} generation")
+    ax_prefill.set_ylim(bottom=0)
+    ax_gen.set_ylim(bottom=0)
+    ax_prefill.set_xlabel("context tokens")
+    ax_prefill.set_ylabel("prefill tokens/s (solid)")
+    ax_gen.set_ylabel("generation tokens/s (dashed)")
+    ax_prefill.set_title(title)
+    lines = ax_prefill.get_legend_handles_labels()
+    more = ax_gen.get_legend_handles_labels()
+    ax_prefill.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="best")
+    fig.tight_layout()
+    stem = out or os.path.splitext(csv_files[0])[0] + "_ts"
+    for ext in ("svg", "png"):
+        fig.savefig(f"{stem}.{ext}")
+    click.echo(f"wrote {stem}.svg and {stem}.png", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    command, args = (plot, argv[1:]) if argv[:1] == ["plot"] else (sweep, argv)
+    try:
+        command.main(args=args, prog_name="ds4-bench" + (" plot" if command is plot else ""), standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ds4-bench: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except Ds4Error as e:
+        click.echo(f"ds4-bench: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("ds4-bench: interrupted", err=True)
+        sys.exit(130)

@@ -288,13 +288,15 @@ class Session:
 
     # -- reading the distribution -------------------------------------------------------------------
 
-    def argmax(self) -> int:
-        """Greedy next token: the lowest id among the maxima. Non-finite logits are an error,
-        never a silent token 0 (upstream #750)."""
+    def argmax(self, exclude: int | None = None) -> int:
+        """Greedy next token: the lowest id among the maxima, optionally never `exclude` (the
+        benchmark skips EOS). Non-finite logits are an error, never a silent token 0 (#750)."""
         self._require_logits()
         logits = self._state.logits
         if not bool(mx.all(mx.isfinite(logits))):
             raise SessionError("non-finite logits")
+        if exclude is not None:
+            logits = mx.where(mx.arange(logits.shape[0]) == exclude, float("-inf"), logits)
         return int(mx.argmax(logits))
 
     def top_logprobs(self, k: int) -> list[tuple[int, float, float]]:
