@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all bench clean
+.PHONY: install test test-all bench oracle clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ bench:
 	$(BIN)/python speed-bench/bench_open.py
 	$(BIN)/python speed-bench/bench_forward.py
 	$(BIN)/python speed-bench/bench_mtp.py
+
+# Oracle checks through the engine (DS4_TEST_MODEL, DS4_TEST_MTP, DS4_TEST_VECTOR_FILE); a missing
+# model is a skip. Joins CI once the package ships a trained default model.
+oracle:
+	$(BIN)/ds4-test --all
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
