@@ -186,19 +186,10 @@ def plot(csv_files, out, title):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ds4.cli import run_command
+
     argv = sys.argv[1:] if argv is None else argv
-    command, args = (plot, argv[1:]) if argv[:1] == ["plot"] else (sweep, argv)
-    try:
-        command.main(args=args, prog_name="ds4-bench" + (" plot" if command is plot else ""), standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("ds4-bench: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except Ds4Error as e:
-        click.echo(f"ds4-bench: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("ds4-bench: interrupted", err=True)
-        sys.exit(130)
+    if argv[:1] == ["plot"]:
+        run_command(plot, argv[1:], "ds4-bench plot")
+    else:
+        run_command(sweep, argv, "ds4-bench")

@@ -257,18 +257,21 @@ def _dump_logprobs(session: Session, tok, ids: list[int], n_tokens: int, top_k: 
     click.echo(stats.line(), err=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_command(command: click.Command, args: list[str] | None, prog_name: str) -> None:
+    """Run a click command the way every ds4 front end does: a Ds4Error is one `<prog>: <message>`
+    line and exit 1, usage errors exit 2, Ctrl+C exits 130; never a traceback."""
     try:
-        cli.main(args=argv, prog_name="ds4", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("ds4: interrupted", err=True)
-        sys.exit(130)
+        command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except Ds4Error as e:
-        click.echo(f"ds4: {e}", err=True)
+        click.echo(f"{prog_name.split()[0]}: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("ds4: interrupted", err=True)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo(f"{prog_name.split()[0]}: interrupted", err=True)
         sys.exit(130)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(cli, argv, "ds4")
