@@ -17,6 +17,7 @@ import time
 
 import click
 
+from ds4.atomic import atomic_write
 from ds4.errors import Ds4Error
 
 HEADER = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes"
@@ -131,14 +132,8 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
                f" MiB (ctx={ctx_alloc}, backend={backend}, prefill_chunk={session.prefill_chunk})", err=True)
     points = frontiers(ctx_start, ctx_max, step_incr, step_mul)
     if csv_path:
-        tmp = f"{csv_path}.partial"
-        try:
-            with open(tmp, "w") as out:
-                run_sweep(session, prompt, points, gen_tokens, tok.eos_id, out, spec)
-            os.replace(tmp, csv_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(csv_path, "w") as out:
+            run_sweep(session, prompt, points, gen_tokens, tok.eos_id, out, spec)
     else:
         run_sweep(session, prompt, points, gen_tokens, tok.eos_id, sys.stdout, spec)
 

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from ds4.atomic import atomic_write
 from ds4.attention import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
@@ -250,10 +251,8 @@ def _dump_logprobs(session: Session, tok, ids: list[int], n_tokens: int, top_k: 
 
     stats = generate(session, ids, n_tokens, Sampler(temperature=0.0), tok.eos_id, on_token=record)
     doc = {"source": source, "prompt_tokens": len(ids), "ctx": session.ctx, "top_k": top_k, "steps": steps}
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, ensure_ascii=False)
-    os.replace(tmp, path)
     click.echo(stats.line(), err=True)
 
 

@@ -80,17 +80,22 @@ class ThinkPrinter:
             self._emit("\n")
 
 
+def timed_sync(session: Session, prompt: list[int], stats: GenerationStats) -> None:
+    """Sync the prompt, recording as prefill only the tokens past the reused live prefix."""
+    reused = session.pos if session.valid and prompt[:session.pos] == session.tokens else 0
+    stats.prompt_tokens = len(prompt) - reused
+    t0 = time.perf_counter()
+    session.sync(prompt)
+    stats.prefill_seconds = time.perf_counter() - t0
+
+
 def generate(session: Session, prompt: list[int], max_tokens: int, sampler: Sampler, eos_id: int,
              on_token: Callable[[int], None] | None = None, stats: GenerationStats | None = None) -> GenerationStats:
     """Sync the prompt, then pick and evaluate up to `max_tokens` tokens (stops at EOS, which is
     neither passed on nor evaluated). The last picked token is evaluated too, so the session
     always ends holding prompt + generated tokens."""
     stats = stats or GenerationStats()
-    stats.prompt_tokens = len(prompt) - session.pos if session.valid and prompt[:session.pos] == session.tokens \
-        else len(prompt)
-    t0 = time.perf_counter()
-    session.sync(prompt)
-    stats.prefill_seconds = time.perf_counter() - t0
+    timed_sync(session, prompt, stats)
     budget = min(max_tokens, session.ctx - session.pos - 1)
     t0 = time.perf_counter()
     try:
@@ -117,10 +122,7 @@ def generate_speculative(session: Session, prompt: list[int], max_tokens: int, e
     from ds4.speculative import AdaptiveGate, plain_step, speculative_step
 
     gen = gen or GenerationStats()
-    gen.prompt_tokens = len(prompt)
-    t0 = time.perf_counter()
-    session.sync(prompt)
-    gen.prefill_seconds = time.perf_counter() - t0
+    timed_sync(session, prompt, gen)
     budget = min(max_tokens, session.ctx - session.pos - 1)
     gate = AdaptiveGate() if adaptive else None
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ds4.atomic import atomic_write
 from ds4.errors import GGUFError
 
 GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
@@ -430,34 +431,26 @@ def write_gguf(path: str | os.PathLike, metadata: list[tuple[str, ValueType, Any
     `metadata` holds (key, value type, value, array item type or None). `progress(n_bytes)` is
     called after each chunk. On any error (or Ctrl+C) the partial file is removed.
     """
-    path = str(path)
-    tmp = path + ".partial"
     offsets, rel = [], 0
     for t in tensors:
         offsets.append(rel)
         rel += -(-tensor_nbytes(t.qtype, t.dims) // alignment) * alignment
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata)))
-            for key, vtype, value, item_type in metadata:
-                f.write(_pack_string(key) + struct.pack("<I", vtype) + _pack_value(vtype, value, item_type))
-            for t, off in zip(tensors, offsets):
-                f.write(_pack_string(t.name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, t.qtype, off))
-            f.write(b"\0" * (-f.tell() % alignment))
-            for t in tensors:
-                expected = tensor_nbytes(t.qtype, t.dims)
-                written = 0
-                for chunk in t.chunks():
-                    data = chunk.tobytes() if isinstance(chunk, np.ndarray) else bytes(chunk)
-                    f.write(data)
-                    written += len(data)
-                    if progress is not None:
-                        progress(len(data))
-                if written != expected:
-                    raise ValueError(f"tensor {t.name}: wrote {written} bytes, expected {expected}")
-                f.write(b"\0" * (-written % alignment))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata)))
+        for key, vtype, value, item_type in metadata:
+            f.write(_pack_string(key) + struct.pack("<I", vtype) + _pack_value(vtype, value, item_type))
+        for t, off in zip(tensors, offsets):
+            f.write(_pack_string(t.name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, t.qtype, off))
+        f.write(b"\0" * (-f.tell() % alignment))
+        for t in tensors:
+            expected = tensor_nbytes(t.qtype, t.dims)
+            written = 0
+            for chunk in t.chunks():
+                data = chunk.tobytes() if isinstance(chunk, np.ndarray) else bytes(chunk)
+                f.write(data)
+                written += len(data)
+                if progress is not None:
+                    progress(len(data))
+            if written != expected:
+                raise ValueError(f"tensor {t.name}: wrote {written} bytes, expected {expected}")
+            f.write(b"\0" * (-written % alignment))

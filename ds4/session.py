@@ -22,6 +22,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from ds4.atomic import atomic_write
 from ds4.attention import Numerics
 from ds4.cache import CompressorState, LayerCache, ModelCache
 from ds4.errors import Ds4Error
@@ -157,6 +158,11 @@ class Session:
     @property
     def mtp_cache(self) -> ModelCache | None:
         return self._state.mtp_cache
+
+    @property
+    def mtp_hidden(self) -> mx.array | None:
+        """The MTP block's output HC state of its last row (same-position pairing only)."""
+        return self._state.mtp_hidden
 
     def _set(self, state: Snapshot) -> None:
         """Evaluate a new state, then make it current: an interruption leaves the old one."""
@@ -325,15 +331,8 @@ class Session:
         self._require_logits()
         payload = self._payload()
         header = SAVE_MAGIC + struct.pack("<I", SAVE_VERSION) + self.engine.fingerprint()
-        tmp = f"{path}.partial"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header + payload + hashlib.sha256(header + payload).digest())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(path) as f:
+            f.write(header + payload + hashlib.sha256(header + payload).digest())
 
     def load(self, path: str) -> None:
         """Load a saved session; a file for another model, corrupt or truncated is refused with a

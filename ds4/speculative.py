@@ -85,7 +85,7 @@ def mtp_drafts(session: Session, first: int, n: int, margin: float,
     if same_position_pairing():
         # Diagnostic: the reference engine's pairing. Row pos-1 (h, token pos-1) is cached; the
         # first draft chains from its MTP output state with `first` at position pos.
-        hidden, ready = session._state.mtp_hidden, cache is not None and cache.pos == session.pos
+        hidden, ready = session.mtp_hidden, cache is not None and cache.pos == session.pos
     else:
         ready = cache is not None and cache.pos == session.pos - 1
     if mtp is None or hidden is None or not ready:
