@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all bench oracle clean
+.PHONY: install test test-all bench quality oracle train clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,25 @@ bench:
 	$(BIN)/python speed-bench/bench_forward.py
 	$(BIN)/python speed-bench/bench_mtp.py
 
-# Oracle checks through the engine (DS4_TEST_MODEL, DS4_TEST_MTP, DS4_TEST_VECTOR_FILE); a missing
-# model is a skip. Joins CI once the package ships a trained default model.
+# Quality bars of the embedded demo model (float vs quantized perplexity, MTP acceptance, plain
+# vs speculative tokens/s); the float rows need the checkpoint `make train` writes.
+quality:
+	$(BIN)/python speed-bench/quality_small.py $(if $(wildcard build/train/small.safetensors),--checkpoint build/train/small.safetensors) \
+		$(if $(wildcard build/train/ds4-small-q4.gguf),--q4 build/train/ds4-small-q4.gguf)
+
+# Oracle checks through the engine: DS4_TEST_MODEL / DS4_TEST_MTP / DS4_TEST_VECTOR_FILE, by default
+# ./ds4flash.gguf or else the embedded demo model with its MTP head and logprob vectors.
 oracle:
 	$(BIN)/ds4-test --all
+
+# Retrain the embedded demo model on the CPU in the stages it was trained in (~95 min on 2 cores;
+# README: "The embedded demo model"); the GGUFs land in build/train/.
+train:
+	$(BIN)/ds4-train --steps 1000 --out build/train/stage1.safetensors
+	$(BIN)/ds4-train --resume build/train/stage1.safetensors --steps 500 --lr 2e-3 --seed 2 \
+		--mtp-distill-steps 300 --out build/train/stage2.safetensors
+	$(BIN)/ds4-train --resume build/train/stage2.safetensors --steps 0 --seed 3 --mtp-distill-steps 600 \
+		--out build/train/small.safetensors --export-dir build/train
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -27,10 +27,23 @@ class Numerics:
     act_quant: quantize activations to int8 blocks before quantized matmuls as ds4's CPU path
         does (Q8_0 before Q8_0 weights, Q8_K before routed experts), for bit-close comparison
         with the C engine. Off by default: it costs time and is not part of the model.
+    straight_through: training only (ds4.train): the same values, identity gradients through
+        the round-trips.
     """
 
     qat: bool = True
     act_quant: bool = False
+    straight_through: bool = False  # training: round-trips pass gradients through unchanged
+
+
+def _round_trip(x: mx.array, fn, numerics: Numerics) -> mx.array:
+    """fn(x) where QAT is on; in training the straight-through estimator (value fn(x),
+    gradient of the identity), since rounding has a zero gradient almost everywhere."""
+    if not numerics.qat:
+        return x
+    if numerics.straight_through:
+        return x + mx.stop_gradient(fn(x) - x)
+    return fn(x)
 
 
 FP8_MAX = 448.0
@@ -179,7 +192,7 @@ def topk_lowest_index(scores: mx.array, k: int) -> mx.array:
     key = mx.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
     key = key * n + (n - 1 - mx.arange(n, dtype=mx.int64))
     idx = mx.argpartition(-key, kth=k - 1, axis=-1)[..., :k]
-    return mx.sort(idx, axis=-1)
+    return mx.stop_gradient(mx.sort(idx, axis=-1))  # a choice: no gradient flows through it
 
 
 # -- compressor (§5.4, §5.5) -------------------------------------------------------------------
@@ -242,12 +255,12 @@ def compress_chunk(kv: mx.array, score: mx.array, state_kv: mx.array, state_scor
 
 def kv_row_qat(rows: mx.array, n_nope: int, numerics: Numerics) -> mx.array:
     """What a KV row goes through before it is cached: FP8 on the non-RoPE dims, f16 rounding."""
-    return f16_round(fp8_round_trip(rows, n_nope)) if numerics.qat else rows
+    return _round_trip(rows, lambda r: f16_round(fp8_round_trip(r, n_nope)), numerics)
 
 
 def index_qat(x: mx.array, numerics: Numerics) -> mx.array:
     """The indexer's Hadamard + FP4 round-trip (q and key rows)."""
-    return hadamard_fp4_round_trip(x) if numerics.qat else x
+    return _round_trip(x, hadamard_fp4_round_trip, numerics)
 
 
 def _finish_rows(pooled: mx.array, norm: mx.array, config: ModelConfig, first_window: int, ratio: int,
@@ -259,22 +272,56 @@ def _finish_rows(pooled: mx.array, norm: mx.array, config: ModelConfig, first_wi
     cos, sin = rope_cos_sin(config, True, ratio * np.arange(first_window, first_window + n))
     c = rope_tail(rms_norm(pooled, norm, config.rms_eps), cos, sin)
     if indexer:
-        return f16_round(hadamard_fp4_round_trip(c)) if numerics.qat else c
+        return _round_trip(c, lambda r: f16_round(hadamard_fp4_round_trip(r)), numerics)
     return kv_row_qat(c, c.shape[-1] - config.n_rot, numerics)
 
 
-def _update_compressor(state, w_kv, w_gate, ape, norm, a, positions, p0, config, ratio, indexer, numerics):
-    """Project the chunk into a compressor, emit finished rows into its cache; returns the new state."""
+def _advance_compressor(state, kv: mx.array, score: mx.array, norm: mx.array, p0: int, config: ModelConfig,
+                        ratio: int, indexer: bool, numerics: Numerics):
+    """Push a chunk's compressor projections (kv, score with ape) [T, Wc] of tokens p0.. into a
+    compressor state, emitting the finished rows into its cache; returns the new state."""
     from ds4.cache import CompressorState
 
-    kv = w_kv(a)
-    score = w_gate(a) + ape[mx.array(positions % ratio)]
     pooled, new_kv, new_score, w0 = compress_chunk(kv, score, state.kv, state.score, p0, ratio)
     rows = state.rows
     if pooled is not None:
         done = _finish_rows(pooled, norm, config, w0, ratio, indexer, numerics)
         rows = mx.slice_update(rows, done, mx.array([w0]), axes=(0,))
     return CompressorState(rows, new_kv, new_score)
+
+
+def _compressor_inputs(w_kv, w_gate, ape, a: mx.array, positions: np.ndarray, ratio: int):
+    """Per-token compressor projections of a chunk: (kv, score + ape) [T, Wc]."""
+    return w_kv(a), w_gate(a) + ape[mx.array(positions % ratio)]
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """What a chunk of T tokens adds to one layer's cache, row by row: the cache after any first n
+    rows follows without another pass (a partially accepted speculative verify)."""
+
+    before: object  # the LayerCache the chunk started from
+    p0: int
+    ratio: int
+    kv: mx.array  # [T, head_dim] raw KV rows, as cached
+    comp: tuple[mx.array, mx.array] | None = None  # attention compressor projections
+    index: tuple[mx.array, mx.array] | None = None  # indexer compressor projections
+
+    def cache_after(self, w, config: ModelConfig, n: int, numerics: Numerics):
+        """The layer's cache after the chunk's first n rows (exactly what feeding them alone gives)."""
+        from ds4.cache import LayerCache
+
+        lc = self.before
+        raw = mx.concatenate([lc.raw, self.kv[:n]], axis=0)[-config.n_swa:]
+        if not self.ratio:
+            return LayerCache(raw, raw_start=lc.raw_start)
+        comp = _advance_compressor(lc.comp, self.comp[0][:n], self.comp[1][:n], w.attn_compressor_norm, self.p0,
+                                   config, self.ratio, False, numerics)
+        index = None
+        if self.index is not None:
+            index = _advance_compressor(lc.index, self.index[0][:n], self.index[1][:n], w.indexer_compressor_norm,
+                                        self.p0, config, self.ratio, True, numerics)
+        return LayerCache(raw, comp, index, lc.raw_start)
 
 
 def _indexer_mask(w, config, a, qn, positions, cos, sin, index_rows, n_visible, numerics):
@@ -319,10 +366,8 @@ def attend_with_sinks(q: mx.array, keys: mx.array, mask: mx.array, sinks: mx.arr
 def attention(w, config: ModelConfig, ratio: int, a: mx.array, p0: int, lc, numerics: Numerics = Numerics()):
     """The attention sublayer for tokens p0..p0+T-1 with attn-normed input a [T, E].
 
-    Returns (output [T, E], new LayerCache). `ratio` is the layer's compression ratio (0 for
-    sliding-window layers and the MTP block)."""
-    from ds4.cache import LayerCache
-
+    Returns (output [T, E], new LayerCache, ChunkRows). `ratio` is the layer's compression ratio
+    (0 for sliding-window layers and the MTP block)."""
     T = a.shape[0]
     H, D, W = config.n_head, config.head_dim, config.n_swa
     positions = np.arange(p0, p0 + T)
@@ -339,29 +384,30 @@ def attention(w, config: ModelConfig, ratio: int, a: mx.array, p0: int, lc, nume
     key_pos = np.arange(p0 - W, p0 + T)
     p = positions[:, None]
     mask = mx.array((key_pos[None] <= p) & (key_pos[None] > p - W) & (key_pos[None] >= lc.raw_start))
-    new_lc = LayerCache(keys[-W:], raw_start=lc.raw_start)
+    chunk = ChunkRows(lc, p0, ratio, kv)
+    if ratio:
+        comp_in = _compressor_inputs(w.attn_compressor_kv, w.attn_compressor_gate, w.attn_compressor_ape, a,
+                                     positions, ratio)
+        index_in = None
+        if ratio == 4:
+            index_in = _compressor_inputs(w.indexer_compressor_kv, w.indexer_compressor_gate,
+                                          w.indexer_compressor_ape, a, positions, ratio)
+        chunk = ChunkRows(lc, p0, ratio, kv, comp_in, index_in)
+    new_lc = chunk.cache_after(w, config, T, numerics)
 
     if ratio:
-        comp = _update_compressor(lc.comp, w.attn_compressor_kv, w.attn_compressor_gate,
-                                  w.attn_compressor_ape, w.attn_compressor_norm, a, positions, p0,
-                                  config, ratio, False, numerics)
         n_rows = (p0 + T) // ratio
         n_visible = (positions + 1) // ratio  # row k is emitted by the token at r(k+1) - 1
-        index = None
         if ratio == 4:
-            index = _update_compressor(lc.index, w.indexer_compressor_kv, w.indexer_compressor_gate,
-                                       w.indexer_compressor_ape, w.indexer_compressor_norm, a, positions,
-                                       p0, config, ratio, True, numerics)
-            comp_mask = _indexer_mask(w, config, a, qn, positions, cos, sin, index.rows[:n_rows], n_visible,
+            comp_mask = _indexer_mask(w, config, a, qn, positions, cos, sin, new_lc.index.rows[:n_rows], n_visible,
                                       numerics)
         else:
             comp_mask = mx.arange(n_rows)[None, :] < mx.array(n_visible)[:, None]
-        keys = mx.concatenate([keys, comp.rows[:n_rows]], axis=0)
+        keys = mx.concatenate([keys, new_lc.comp.rows[:n_rows]], axis=0)
         mask = mx.concatenate([mask, comp_mask], axis=1)
-        new_lc = LayerCache(new_lc.raw, comp, index, lc.raw_start)
 
     o = attend_with_sinks(q, keys, mask, w.attn_sinks)
     o = rope_tail(o, cos, sin, inverse=True)
     G = config.n_out_group
     low = w.attn_output_a.grouped(o.reshape(T, G, -1))  # [T, G, o_lora_rank]
-    return w.attn_output_b(low.reshape(T, -1)), new_lc
+    return w.attn_output_b(low.reshape(T, -1)), new_lc, chunk

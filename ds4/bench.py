@@ -83,7 +83,8 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-m", "--model", "model_path", default="./ds4flash.gguf", show_default=True, type=click.Path(dir_okay=False))
+@click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False),
+              help="base GGUF (default ./ds4flash.gguf, else the embedded demo model)")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="raw text, no chat template")
 @click.option("--chat-prompt-file", type=click.Path(dir_okay=False, exists=True),
               help="the file as one no-thinking chat user message")
@@ -98,15 +99,16 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
 @click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]))
 @click.option("--prefill-chunk", type=click.IntRange(min=1))
 @click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="bench speculative generation")
-@click.option("--mtp-draft", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--mtp-draft", type=click.IntRange(1, 16), help="drafts per cycle (default 1)")
 @click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 (same as --mtp-draft 1)")
-@click.option("--mtp-margin", type=click.FloatRange(0, 1000), default=3.0, show_default=True)
+@click.option("--mtp-margin", type=click.FloatRange(0, 1000),
+              help="draft confidence margin (default: the MTP file's, else 3.0)")
 def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max, ctx_alloc, step_incr, step_mul,
           gen_tokens, csv_path, backend, prefill_chunk, mtp_path, mtp_draft, mtp_continuous, mtp_margin):
     """Context-frontier sweep: prefill and generation tokens/s at growing contexts."""
     from ds4.chat import ThinkMode, render_prompt
     from ds4.cli import _select_backend
-    from ds4.loader import open_model
+    from ds4.loader import choose_model, open_model, open_mtp
     from ds4.session import Engine, Session
     from ds4.speculative import SpecOptions
 
@@ -117,6 +119,11 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     ctx_alloc = ctx_alloc or ctx_max + gen_tokens + 1
     if ctx_alloc <= ctx_max + gen_tokens:
         raise click.UsageError(f"--ctx-alloc {ctx_alloc} must exceed ctx-max + gen-tokens = {ctx_max + gen_tokens}")
+    choice = choose_model(model_path)
+    if choice.notice:
+        click.echo(f"ds4-bench: {choice.notice}", err=True)
+    model_path = choice.path
+    mtp_path = choice.mtp(mtp_path, mtp_draft is not None or mtp_continuous)
     model_file = open_model(model_path)
     tok = model_file.tokenizer()
     text = open(prompt_file or chat_prompt_file, encoding="utf-8").read()
@@ -127,7 +134,10 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     backend = _select_backend(backend)
     engine = Engine(model_path, model_file, mtp_path=mtp_path)
     session = Session(engine, ctx_alloc, prefill_chunk)
-    spec = SpecOptions(draft=1 if mtp_continuous else mtp_draft, margin=mtp_margin) if mtp_path else None
+    spec = None
+    if mtp_path:
+        margin = open_mtp(mtp_path, model_file.config).mtp_margin if mtp_margin is None else mtp_margin
+        spec = SpecOptions(draft=1 if mtp_continuous else mtp_draft or 1, margin=margin)
     click.echo(f"ds4-bench: context buffers {model_file.config.kv_cache_bytes(ctx_alloc, session.prefill_chunk) / 2**20:.2f}"
                f" MiB (ctx={ctx_alloc}, backend={backend}, prefill_chunk={session.prefill_chunk})", err=True)
     points = frontiers(ctx_start, ctx_max, step_incr, step_mul)

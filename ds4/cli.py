@@ -17,10 +17,10 @@ from ds4.attention import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
 from ds4.generate import ThinkPrinter, generate, generate_speculative
+from ds4.loader import DS4FLASH, choose_model, open_model, open_mtp
 from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
 from ds4.speculative import SpecOptions, SpecStats, json_logger
 
-DEFAULT_MODEL = "./ds4flash.gguf"
 
 
 def format_inspect(model, mtp=None) -> str:
@@ -74,15 +74,6 @@ def _select_backend(backend: str | None) -> str:
     return backend
 
 
-def _resolve_model(model_path: str | None) -> str:
-    if model_path:
-        return model_path
-    if os.path.exists(DEFAULT_MODEL):
-        return DEFAULT_MODEL
-    raise Ds4Error(f"no model: {DEFAULT_MODEL} not found and no -m FILE given "
-                   "(write a small synthetic one with `ds4-synth tiny -o tiny.gguf`)")
-
-
 def _read_prompt_tokens(path: str, n_vocab: int) -> list[int]:
     try:
         ids = json.load(open(path))
@@ -98,8 +89,9 @@ THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-m", "--model", "model_path", type=click.Path(dir_okay=False), default=None,
-              help=f"base DS4 Flash GGUF (default {DEFAULT_MODEL})")
-@click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="MTP support GGUF")
+              help=f"base DS4 Flash GGUF (default {DS4FLASH}, else the embedded demo model)")
+@click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False),
+              help="MTP support GGUF (the embedded model brings its own)")
 @click.option("--inspect", is_flag=True, help="validate the model file(s), print a summary and exit")
 @click.option("-p", "--prompt", help="one-shot prompt (no prompt: interactive chat)")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="read the prompt from a file")
@@ -123,8 +115,9 @@ THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": 
 @click.option("--prefill-chunk", type=click.IntRange(min=1), help="prefill chunk size (default 2048, or ctx if smaller)")
 @click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]), help="default: the best available")
 @click.option("--mtp-draft", type=click.IntRange(1, 16), help="MTP drafts per cycle (default 1: continuous depth-1)")
-@click.option("--mtp-margin", type=click.FloatRange(0, 1000), default=3.0, show_default=True,
-              help="keep drafting only while the MTP top1-top2 logit margin is at least this (0: off)")
+@click.option("--mtp-margin", type=click.FloatRange(0, 1000),
+              help="keep drafting only while the MTP top1-top2 logit margin is at least this (0: off; "
+                   "default: the MTP file's ds4.mtp.draft_margin, else 3.0)")
 @click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 cycle (the default with --mtp)")
 @click.option("--mtp-fast-verify", is_flag=True, help="always verify in one batched pass (near-greedy)")
 @click.option("--quality", is_flag=True, help="exact kernels and the exact MTP verifier")
@@ -137,13 +130,15 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
         seed, ctx, system, think, dump_tokens, dump_logprobs, logprobs_top_k, prefill_chunk, backend, mtp_draft,
         mtp_margin, mtp_continuous, mtp_fast_verify, quality, mtp_log, mtp_adaptive, act_quant):
     """DeepSeek V4 Flash inference on MLX."""
-    from ds4.loader import open_model, open_mtp
-
     if sum(x is not None for x in (prompt, prompt_file, prompt_tokens)) > 1:
         raise click.UsageError("give only one of -p, --prompt-file and --prompt-tokens")
     if prompt_file is not None:
         prompt = open(prompt_file, encoding="utf-8", newline="").read()
-    model_file = open_model(_resolve_model(model_path))
+    choice = choose_model(model_path)
+    if choice.notice:
+        click.echo(f"ds4: {choice.notice}", err=True)
+    mtp_path = choice.mtp(mtp_path, mtp_draft is not None or mtp_continuous or (inspect and choice.embedded))
+    model_file = open_model(choice.path)
     mtp = open_mtp(mtp_path, model_file.config) if mtp_path else None
     if inspect:
         click.echo(format_inspect(model_file, mtp))
@@ -180,9 +175,10 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
     session = Session(engine, ctx, prefill_chunk)
     if speculate:
         exact = quality or os.environ.get("DS4_MTP_STRICT") == "1" or not mtp_fast_verify
-        spec = SpecOptions(draft=mtp_draft or 1, margin=mtp_margin, exact=exact)
+        margin = mtp.mtp_margin if mtp_margin is None else mtp_margin
+        spec = SpecOptions(draft=mtp_draft or 1, margin=margin, exact=exact)
         click.echo(f"ds4: MTP support model loaded: {mtp_path} (draft={spec.draft}, "
-                   f"verify={'exact' if exact else 'fast'})", err=True)
+                   f"margin={spec.margin:g}, verify={'exact' if exact else 'fast'})", err=True)
     c = model_file.config
     click.echo(f"ds4: context buffers {c.kv_cache_bytes(ctx, session.prefill_chunk) / 2**20:.2f} MiB "
                f"(ctx={ctx}, backend={backend}, prefill_chunk={session.prefill_chunk}, "

@@ -7,16 +7,36 @@ tensor data stays in the memory map until a weight is bound.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from gguf import GGMLQuantizationType as QT
 
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error, GGUFError
 from ds4.gguf import GGUFFile, GGUFTensor, ValueType
-from ds4.layout import base_optional_specs, base_tensor_specs, check_tensors, mtp_tensor_specs
+from ds4.layout import (
+    base_optional_specs,
+    base_tensor_specs,
+    check_tensors,
+    mtp_tensor_specs,
+)
+
+# ds4's default model file (the C engine's download script links it in the working directory),
+# then the small trained model embedded in the package (`ds4-train`; base + MTP head).
+DS4FLASH = "./ds4flash.gguf"
+EMBEDDED_DIR = Path(__file__).parent / "data"
+EMBEDDED_MODEL = EMBEDDED_DIR / "ds4-small-q2.gguf"
+EMBEDDED_MTP = EMBEDDED_DIR / "ds4-small-mtp.gguf"
+EMBEDDED_VECTORS = EMBEDDED_DIR / "ds4-small.vec"  # its logprob vectors (ds4-test --write-vectors)
+
+# An MTP file may state the draft confidence margin it was calibrated for (ds4's own key; the C
+# engine reads no MTP metadata). Without it the reference engine's default applies.
+MTP_MARGIN_KEY = "ds4.mtp.draft_margin"
+DEFAULT_MTP_MARGIN = 3.0
 
 TOKENS_KEY = "tokenizer.ggml.tokens"
 MERGES_KEY = "tokenizer.ggml.merges"
@@ -49,6 +69,12 @@ class ModelFile:
             count[t.type_name] += 1
             size[t.type_name] += t.n_bytes
         return {k: (count[k], size[k]) for k in sorted(count, key=lambda k: -size[k])}
+
+    @property
+    def mtp_margin(self) -> float:
+        """The draft margin an MTP file recommends (MTP_MARGIN_KEY), else DEFAULT_MTP_MARGIN."""
+        value = self.gguf.get(MTP_MARGIN_KEY)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else DEFAULT_MTP_MARGIN
 
     @cached_property
     def routed_quant_bits(self) -> int:
@@ -107,3 +133,37 @@ def open_mtp(path: str, base: ModelConfig) -> ModelFile:
             raise GGUFError(path, f"MTP file has {key}={got}", f"{want} to fit the base model")
     tensors = check_tensors(gguf, mtp_tensor_specs(base))
     return ModelFile(gguf, base, tensors, is_mtp=True)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which base model a front end runs, the MTP file that comes with it (the embedded model
+    carries its own MTP head), and a line for stderr when the choice was implicit."""
+
+    path: str
+    embedded: bool = False
+    notice: str | None = None
+
+    def mtp(self, mtp_path: str | None, requested: bool) -> str | None:
+        """The MTP file to load: an explicit --mtp, else the embedded head when drafting was
+        asked for (--mtp-draft / --mtp-continuous) on the embedded model."""
+        if mtp_path or not requested:
+            return mtp_path
+        if not self.embedded:
+            raise Ds4Error("--mtp-draft and --mtp-continuous need --mtp FILE "
+                           "(only the embedded model brings its own MTP head)")
+        return str(EMBEDDED_MTP)
+
+
+def choose_model(path: str | None) -> ModelChoice:
+    """An explicit path; else ./ds4flash.gguf when present; else the embedded model."""
+    if path:
+        embedded = os.path.exists(path) and EMBEDDED_MODEL.exists() and os.path.samefile(path, EMBEDDED_MODEL)
+        return ModelChoice(path, embedded)
+    if os.path.exists(DS4FLASH):
+        return ModelChoice(DS4FLASH)
+    if not EMBEDDED_MODEL.exists():
+        raise Ds4Error(f"no model: {DS4FLASH} not found, no -m FILE given and the embedded model "
+                       f"{EMBEDDED_MODEL} is missing from this installation")
+    return ModelChoice(str(EMBEDDED_MODEL), True,
+                       f"no -m given and no {DS4FLASH}: using the embedded demo model ({EMBEDDED_MODEL.name})")

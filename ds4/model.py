@@ -63,7 +63,7 @@ def bind_tensor(model: ModelFile, spec: TensorSpec, numerics: Numerics = Numeric
         if numerics.act_quant and t.qtype in (QT.IQ2_XXS, QT.Q2_K):
             return ActQuantized(experts, "q8_k")
         return experts
-    if spec.role == "tid2eid":
+    if spec.role in ("tid2eid", "embed"):  # row lookups: the table as stored (I32, F16)
         return mx.array(np.ascontiguousarray(data))
     if len(t.dims) == 1 or spec.role == "ape":
         return mx.array(np.asarray(data, dtype=np.float32))
@@ -114,36 +114,44 @@ def hc_head(X: mx.array, fn: QuantWeight, scale: mx.array, base: mx.array, confi
 
 def block(w: LayerWeights, config: ModelConfig, ratio: int, clamp: float, X: mx.array, tokens: mx.array,
           p0: int, lc, numerics: Numerics):
-    """One layer (§4.3): HC-wrapped attention then HC-wrapped MoE. Returns (X', new LayerCache)."""
+    """One layer (§4.3): HC-wrapped attention then HC-wrapped MoE. Returns (X', new LayerCache,
+    the chunk's ChunkRows)."""
     a_mix = hc_pre(X, w.hc_attn_fn, w.hc_attn_scale, w.hc_attn_base, config)
     a = rms_norm(a_mix.y, w.attn_norm, config.rms_eps)
-    out, lc = attention(w, config, ratio, a, p0, lc, numerics)
+    out, lc, chunk = attention(w, config, ratio, a, p0, lc, numerics)
     X = hc_post(out, X, a_mix)
     f_mix = hc_pre(X, w.hc_ffn_fn, w.hc_ffn_scale, w.hc_ffn_base, config)
     f = rms_norm(f_mix.y, w.ffn_norm, config.rms_eps)
-    return hc_post(moe(w, config, clamp, f, tokens), X, f_mix), lc
+    return hc_post(moe(w, config, clamp, f, tokens), X, f_mix), lc, chunk
 
 
 class Model:
-    """DS4 Flash weights on the MLX device and the forward pass over them."""
+    """DS4 Flash weights on the MLX device and the forward pass over them.
 
-    def __init__(self, model_file: ModelFile, numerics: Numerics = Numerics()):
-        self.config = c = model_file.config
-        self.file = model_file
+    `tensors` maps GGUF tensor names to what the forward multiplies by: QuantWeight/QuantExperts
+    bound from a file (`Model.load`), or float weights with the same interface (the trainer)."""
+
+    def __init__(self, config: ModelConfig, tensors: dict, numerics: Numerics = Numerics()):
+        self.config = c = config
         self.numerics = numerics
-        specs = base_tensor_specs(c) + [s for s in base_optional_specs(c) if s.name in model_file.tensors]
-        bound = {s.name: bind_tensor(model_file, s, numerics) for s in specs}
         self.layers = []
         for il in range(c.n_layer):
             prefix = f"blk.{il}."
-            self.layers.append(LayerWeights(**{field_name(n, prefix): v for n, v in bound.items()
+            self.layers.append(LayerWeights(**{field_name(n, prefix): v for n, v in tensors.items()
                                                if n.startswith(prefix)}))
-        self.token_embd = mx.array(np.ascontiguousarray(model_file.tensors["token_embd.weight"].data()))
-        self.output_hc_fn = bound["output_hc_fn.weight"]
-        self.output_hc_scale = bound["output_hc_scale.weight"]
-        self.output_hc_base = bound["output_hc_base.weight"]
-        self.output_norm = bound["output_norm.weight"]
-        self.output = bound["output.weight"]
+        self.token_embd = tensors["token_embd.weight"]
+        self.output_hc_fn = tensors["output_hc_fn.weight"]
+        self.output_hc_scale = tensors["output_hc_scale.weight"]
+        self.output_hc_base = tensors["output_hc_base.weight"]
+        self.output_norm = tensors["output_norm.weight"]
+        self.output = tensors["output.weight"]
+
+    @classmethod
+    def load(cls, model_file: ModelFile, numerics: Numerics = Numerics()) -> Model:
+        """Bind a validated base GGUF's tensors to the device."""
+        c = model_file.config
+        specs = base_tensor_specs(c) + [s for s in base_optional_specs(c) if s.name in model_file.tensors]
+        return cls(c, {s.name: bind_tensor(model_file, s, numerics) for s in specs}, numerics)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """§3 steps 1-2: every HC stream starts as the token's embedding, [T, M, E]."""
@@ -160,13 +168,23 @@ class Model:
 
         Returns (logits [T or 1, V] (every row or only the last), new cache, final HC [T, M, E]).
         """
+        return self.run(tokens, cache, all_logits)[:3]
+
+    def run(self, tokens, cache: ModelCache, all_logits: bool = False):
+        """`forward`, plus each layer's ChunkRows (for `cache_after`)."""
         c = self.config
-        tok = mx.array(np.asarray(tokens, dtype=np.int32))
+        tok = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
         p0 = cache.pos
         X = self.embed(tok)
-        layers = []
+        layers, chunks = [], []
         for il, (w, lc) in enumerate(zip(self.layers, cache.layers)):
-            X, lc = block(w, c, c.ratio(il), c.swiglu_clamp[il], X, tok, p0, lc, self.numerics)
+            X, lc, chunk = block(w, c, c.ratio(il), c.swiglu_clamp[il], X, tok, p0, lc, self.numerics)
             layers.append(lc)
+            chunks.append(chunk)
         logits = self.head(X if all_logits else X[-1:])
-        return logits, cache.with_layers(p0 + len(tokens), layers), X
+        return logits, cache.with_layers(p0 + len(tokens), layers), X, chunks
+
+    def cache_after(self, cache: ModelCache, chunks: list, n: int) -> ModelCache:
+        """The cache after the first n tokens of the chunk that `run` fed on `cache`."""
+        layers = [ch.cache_after(w, self.config, n, self.numerics) for w, ch in zip(self.layers, chunks)]
+        return cache.with_layers(cache.pos + n, layers)

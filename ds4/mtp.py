@@ -31,17 +31,22 @@ def same_position_pairing() -> bool:
 class MTPHead:
     """The MTP block and head on the device, drafting for a base `Model`."""
 
-    def __init__(self, mtp_file: ModelFile, base: Model, numerics: Numerics = Numerics()):
+    def __init__(self, tensors: dict, base: Model, numerics: Numerics = Numerics()):
         self.base = base
         self.config = base.config
-        self.file = mtp_file
-        bound = {s.name: bind_tensor(mtp_file, s, numerics) for s in mtp_tensor_specs(self.config)}
-        self.block = LayerWeights(**{field_name(n, MTP_PREFIX): v for n, v in bound.items()})
+        self.block = LayerWeights(**{field_name(n, MTP_PREFIX): v for n, v in tensors.items()})
         p = MTP_PREFIX
-        self.e_proj, self.h_proj = bound[p + "e_proj.weight"], bound[p + "h_proj.weight"]
-        self.enorm, self.hnorm, self.norm = bound[p + "enorm.weight"], bound[p + "hnorm.weight"], bound[p + "norm.weight"]
-        self.hc_head = (bound[p + "hc_head_fn.weight"], bound[p + "hc_head_scale.weight"], bound[p + "hc_head_base.weight"])
+        self.e_proj, self.h_proj = tensors[p + "e_proj.weight"], tensors[p + "h_proj.weight"]
+        self.enorm, self.hnorm, self.norm = tensors[p + "enorm.weight"], tensors[p + "hnorm.weight"], tensors[p + "norm.weight"]
+        self.hc_head = (tensors[p + "hc_head_fn.weight"], tensors[p + "hc_head_scale.weight"],
+                        tensors[p + "hc_head_base.weight"])
         self.numerics = numerics
+
+    @classmethod
+    def load(cls, mtp_file: ModelFile, base: Model, numerics: Numerics = Numerics()) -> MTPHead:
+        """Bind a validated MTP GGUF's tensors to the device."""
+        return cls({s.name: bind_tensor(mtp_file, s, numerics) for s in mtp_tensor_specs(base.config)},
+                   base, numerics)
 
     def empty_cache(self, ctx: int, start: int = 0) -> ModelCache:
         """An MTP cache whose first row will be at position `start`."""
@@ -57,9 +62,11 @@ class MTPHead:
         e = self.base.token_embd[tok].astype(mx.float32)
         X = self.e_proj(rms_norm(e, self.enorm, c.rms_eps))[:, None, :] + \
             self.h_proj(rms_norm(hidden, self.hnorm, c.rms_eps))
-        X, lc = block(self.block, c, 0, c.swiglu_clamp[0], X, tok, cache.pos, cache.layers[0], self.numerics)
+        X, lc, _ = block(self.block, c, 0, c.swiglu_clamp[0], X, tok, cache.pos, cache.layers[0], self.numerics)
         new_cache = cache.with_layers(cache.pos + X.shape[0], [lc])
-        if not head:
-            return None, new_cache, X
-        h = hc_head(X[-1:], *self.hc_head, c)
-        return self.base.output(rms_norm(h, self.norm, c.rms_eps))[0], new_cache, X
+        return (self.logits(X[-1:])[0] if head else None), new_cache, X
+
+    def logits(self, X: mx.array) -> mx.array:
+        """The head: HC collapse, norm and the shared vocabulary projection, [T, M, E] -> [T, V]."""
+        h = hc_head(X, *self.hc_head, self.config)
+        return self.base.output(rms_norm(h, self.norm, self.config.rms_eps))

@@ -13,7 +13,8 @@ on stderr and exit 1; a missing model or MTP file is a skip, not a failure):
   --cont-argmax-gap   the same oracle in continuous depth-1 mode.
   --verify-divergence the fast (batched) verifier's divergence rate and gap histogram, no gate.
 
-Models: DS4_TEST_MODEL (default ./ds4flash.gguf) and DS4_TEST_MTP.
+Models: DS4_TEST_MODEL (default ./ds4flash.gguf, else the embedded demo model, whose MTP head and
+logprob vectors are then the defaults of DS4_TEST_MTP and DS4_TEST_VECTOR_FILE) and DS4_TEST_MTP.
 """
 
 from __future__ import annotations
@@ -280,9 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--list"]:
         click.echo("\n".join(f"--{n}" for n in TESTS))
         return
-    model = os.environ.get("DS4_TEST_MODEL", "./ds4flash.gguf")
-    ctx = Context(model, os.environ.get("DS4_TEST_MTP"), os.environ.get("DS4_TEST_VECTOR_FILE"))
+    from ds4.loader import EMBEDDED_VECTORS, choose_model
+
     try:
+        choice = choose_model(os.environ.get("DS4_TEST_MODEL"))
+        if choice.notice:
+            click.echo(f"ds4-test: {choice.notice}", err=True)
+        mtp = os.environ.get("DS4_TEST_MTP") or choice.mtp(None, choice.embedded)
+        vectors = os.environ.get("DS4_TEST_VECTOR_FILE") or (str(EMBEDDED_VECTORS) if choice.embedded else None)
+        ctx = Context(choice.path, mtp, vectors)
         if argv[:1] == ["--write-vectors"]:
             if len(argv) < 3:
                 raise click.UsageError("usage: ds4-test --write-vectors FILE PROMPT_FILE...")

@@ -54,8 +54,8 @@ class Engine:
         self.file = model_file or open_model(model_path)
         self.config = self.file.config
         self.tokenizer = self.file.tokenizer()
-        self.model = Model(self.file, numerics)
-        self.mtp = MTPHead(open_mtp(mtp_path, self.config), self.model, numerics) if mtp_path else None
+        self.model = Model.load(self.file, numerics)
+        self.mtp = MTPHead.load(open_mtp(mtp_path, self.config), self.model, numerics) if mtp_path else None
 
     @property
     def row_invariant(self) -> bool:
@@ -101,7 +101,8 @@ class Verified:
     logits: mx.array  # [T, V]
     cache: ModelCache
     hidden: mx.array  # [T, M, E]
-
+    before: ModelCache  # the cache the rows were run on
+    chunks: list  # per-layer ChunkRows: the cache after any first n rows
 
 class Session:
     """One timeline: tokens, KV cache, logits of the next token.
@@ -216,19 +217,23 @@ class Session:
         self._require_logits()
         if self.pos + len(rows) >= self.ctx:
             raise SessionError(f"{len(rows)} rows do not fit the context left ({self.ctx - self.pos - 1})")
-        logits, cache, X = self.engine.model.forward(rows, self._state.cache, all_logits=True)
+        before = self._state.cache
+        logits, cache, X, chunks = self.engine.model.run(rows, before, all_logits=True)
         finite = mx.all(mx.isfinite(logits), axis=-1)
         top = mx.argmax(logits, axis=-1)
         mx.eval(top, finite, logits, X, *cache.arrays())
-        return Verified(tuple(rows), top.tolist(), finite.tolist(), logits, cache, X)
+        return Verified(tuple(rows), top.tolist(), finite.tolist(), logits, cache, X, before, chunks)
 
     def accept(self, v: Verified, n: int) -> None:
-        """Commit the first n rows of a verified pass. All rows: its cache and logits as they are.
-        Fewer: the cache after n rows was never materialised, so they are recomputed."""
-        if n == len(v.tokens):
-            self._set(self._advanced(v.tokens, v.logits[-1], v.cache, v.hidden))
-        elif n > 0:
-            self._run(list(v.tokens[:n]))
+        """Commit the first n rows of a verified pass: its logits and hidden rows, and the cache
+        after n rows (the pass's own for all rows; for fewer, built from the rows it kept, with
+        no second pass)."""
+        if n <= 0:
+            return
+        if v.before is not self._state.cache:
+            raise SessionError("the verified rows were run on another state")
+        cache = v.cache if n == len(v.tokens) else self.engine.model.cache_after(v.before, v.chunks, n)
+        self._set(self._advanced(v.tokens[:n], v.logits[n - 1], cache, v.hidden[:n]))
 
     def sync(self, tokens) -> None:
         """Bring the state to exactly `tokens`: reuse the live prefix (or the longest remembered

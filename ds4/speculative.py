@@ -67,7 +67,7 @@ class SpecStats:
     def summary(self) -> str:
         ks = sorted(self.proposed)
         acc = ", ".join(f"k={k} {self.accepted[k]}/{self.proposed[k]}" for k in ks) or "none"
-        per_cycle = self.committed / self.cycles if self.cycles else 0.0
+        per_cycle = (self.committed - self.plain_steps) / self.cycles if self.cycles else 0.0
         passes = self.trunk_passes / self.committed if self.committed else 0.0
         spec_pass = (self.t_verify + self.t_rollback) / max(1, self.trunk_passes - self.plain_steps)
         ratio = f"{spec_pass / (self.t_plain / self.plain_steps):.2f}" if self.plain_steps and self.cycles else "n/a"
@@ -167,8 +167,6 @@ def speculative_step(session: Session, opts: SpecOptions, budget: int, eos_id: i
                            f"runner={head[1]} margin={head[2]:.6f} target_next={v.argmax[0]} draft_next={draft_next}")
         t0 = time.perf_counter()
         session.accept(v, n_ok + 1)
-        if n_ok < len(drafts):
-            stats.trunk_passes += 1  # the cache after the accepted rows is recomputed
         stats.t_rollback += time.perf_counter() - t0
         committed = [first] + drafts[:n_ok]
     for k in range(len(committed) - 1):

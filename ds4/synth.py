@@ -69,7 +69,7 @@ def _rows(spec: TensorSpec) -> tuple[int, int]:
     return n_rows, spec.dims[0]
 
 
-def _float_std(spec: TensorSpec, logit_std: float) -> tuple[float, float]:
+def float_init(spec: TensorSpec, logit_std: float) -> tuple[float, float]:
     """(mean, std) of the float values a tensor of this role gets."""
     fan_in = spec.dims[0]
     return {
@@ -104,7 +104,7 @@ def random_source(config: ModelConfig, seed: int, weights: str = "quantized", lo
         if spec.role == "hc_scale":
             yield (0.5 + rng.random(n_rows * n_in, dtype=np.float32)).astype(np.float32)
             return
-        mean, std = _float_std(spec, logit_std)
+        mean, std = float_init(spec, logit_std)
         step = max(1, chunk_elems // n_in)
         for r0 in range(0, n_rows, step):
             rows = min(step, n_rows - r0)
@@ -199,8 +199,9 @@ def write_parts(path: str, meta: list, specs: list[tuple[TensorSpec, QT]], sourc
         write_gguf(path, meta, outs, progress=bar.update)
 
 
-def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = QT.F32):
-    """(metadata, [(spec, quant type)]) of an MTP support file for a base model of this config."""
+def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = QT.F32, margin: float | None = None):
+    """(metadata, [(spec, quant type)]) of an MTP support file for a base model of this config;
+    `margin` writes the draft margin the head recommends (loader.MTP_MARGIN_KEY)."""
     routed = (expert_type, QT.Q2_K if expert_type == QT.IQ2_XXS else expert_type)
     meta = [
         ("general.architecture", ValueType.STRING, ARCH, None),
@@ -210,6 +211,10 @@ def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = Q
         (f"{ARCH}.expert_count", ValueType.UINT32, config.n_expert, None),
         (f"{ARCH}.nextn_predict_layers", ValueType.UINT32, 1, None),
     ]
+    if margin is not None:
+        from ds4.loader import MTP_MARGIN_KEY
+
+        meta.append((MTP_MARGIN_KEY, ValueType.FLOAT32, margin, None))
     return meta, [(s, _choose_type(s, routed, plain_type)) for s in mtp_tensor_specs(config)]
 
 

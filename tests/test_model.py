@@ -20,7 +20,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_paths):
-    return Model(open_model(str(tiny_paths[0])))
+    return Model.load(open_model(str(tiny_paths[0])))
 
 
 def _prompt(model, n, seed=0):
@@ -59,7 +59,7 @@ def test_prefill_equals_decode_without_rounding_under_any_blas(tiny_paths):
     MLX uses (with them, a reordered sum can cross an FP8 step or flip an indexer near-tie)."""
     from ds4.attention import Numerics
 
-    model = Model(open_model(str(tiny_paths[0])), Numerics(qat=False))
+    model = Model.load(open_model(str(tiny_paths[0])), Numerics(qat=False))
     tokens = _prompt(model, 100, seed=5)
     decoded, _ = _run_chunks(model, tokens, [1])
     prefill, _ = _run_chunks(model, tokens, [100])
@@ -205,7 +205,7 @@ def _reference_gap(tiny_paths, qat: bool, top_k: int | None = None):
     tokens = np.random.default_rng(4).integers(3, c.n_vocab, 140).tolist()
     ref = ReferenceModel(c, load_reference_weights(mf), qat=qat)
     expected = np.array([ref.decode(t) for t in tokens])
-    model = Model(mf, Numerics(qat=qat))
+    model = Model.load(mf, Numerics(qat=qat))
     model.config = c
     logits, _, _ = model.forward(tokens, ModelCache.empty(c, 512), all_logits=True)
     got = np.array(logits)

@@ -3,6 +3,7 @@ correct cycle, failing on an injected verifier bug), and the runner's exit codes
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_verify_depth_oracle_catches_a_bad_verifier(engine, drafter, monkeypatch
 
     def accepts_everything(self, rows):
         v = real(self, rows)
-        return v.__class__(v.tokens, list(rows[1:]) + [v.argmax[-1]], v.finite, v.logits, v.cache, v.hidden)
+        return dataclasses.replace(v, argmax=list(rows[1:]) + [v.argmax[-1]])
 
     monkeypatch.setattr(Session, "verify", accepts_everything)
     bad = Check("mtp-verify-depth")

@@ -201,3 +201,33 @@ def test_non_finite_logits_are_an_error_not_token_0(engine):
     s._state = dataclasses.replace(s._state, logits=mx.array(np.full(engine.config.n_vocab, np.nan, np.float32)))
     with pytest.raises(SessionError, match="non-finite"):
         s.argmax()
+
+
+@pytest.mark.parametrize("start", [30, 125, 127])  # around the ratio-4 and ratio-128 boundaries
+def test_partial_accept_equals_plain_steps(tiny_paths, start):
+    """Committing the first n of m verified rows gives the state that n plain steps give: the
+    cache after n rows comes from the pass's own rows (no second pass), bit for bit on a
+    row-invariant backend, MTP rows included."""
+    engine = Engine(str(tiny_paths[0]), mtp_path=str(tiny_paths[1]))
+    assert engine.row_invariant
+    prompt = np.random.default_rng(start).integers(3, 1000, start).tolist()
+    rows = [7, 99, 400, 12, 5]
+    for n in range(1, len(rows) + 1):
+        s = Session(engine, CTX, use_mtp=True)
+        s.sync(prompt)
+        v = s.verify(rows)
+        s.accept(v, n)
+        ref = Session(engine, CTX, use_mtp=True)
+        ref.sync(prompt)
+        for t in rows[:n]:
+            ref.eval(t)
+        assert s.tokens == ref.tokens
+        assert np.array_equal(np.array(s.logits), np.array(ref.logits))
+        for a, b in zip(s._state.arrays(), ref._state.arrays()):
+            assert np.array_equal(np.array(a), np.array(b))
+    s = Session(engine, CTX)
+    s.sync(prompt)
+    v = s.verify(rows)
+    s.eval(3)
+    with pytest.raises(SessionError):
+        s.accept(v, 2)

@@ -4,6 +4,8 @@ a test drafter that replays the plain-greedy continuation with errors injected w
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -140,7 +142,7 @@ def test_non_finite_verify_row_falls_back_to_plain_decode(engine, prompt, greedy
 
     def broken(self, rows):
         v = real(self, rows)
-        return v.__class__(v.tokens, v.argmax, [False] * len(rows), v.logits, v.cache, v.hidden)
+        return dataclasses.replace(v, finite=[False] * len(rows))
 
     monkeypatch.setattr(Session, "verify", broken)
     out, stats, _ = run(engine, prompt, SpecOptions(draft=2, margin=0), replay(prompt, greedy), max_tokens=10)
