@@ -22,7 +22,6 @@ from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
 from ds4.speculative import SpecOptions, SpecStats, json_logger
 
 
-
 def format_inspect(model, mtp=None) -> str:
     """The `--inspect` summary: dims, tensor counts and bytes per quant type, KV bytes per token."""
     c = model.config
