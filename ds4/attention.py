@@ -384,15 +384,14 @@ def attention(w, config: ModelConfig, ratio: int, a: mx.array, p0: int, lc, nume
     key_pos = np.arange(p0 - W, p0 + T)
     p = positions[:, None]
     mask = mx.array((key_pos[None] <= p) & (key_pos[None] > p - W) & (key_pos[None] >= lc.raw_start))
-    chunk = ChunkRows(lc, p0, ratio, kv)
+    comp_in = index_in = None
     if ratio:
         comp_in = _compressor_inputs(w.attn_compressor_kv, w.attn_compressor_gate, w.attn_compressor_ape, a,
                                      positions, ratio)
-        index_in = None
-        if ratio == 4:
-            index_in = _compressor_inputs(w.indexer_compressor_kv, w.indexer_compressor_gate,
-                                          w.indexer_compressor_ape, a, positions, ratio)
-        chunk = ChunkRows(lc, p0, ratio, kv, comp_in, index_in)
+    if ratio == 4:
+        index_in = _compressor_inputs(w.indexer_compressor_kv, w.indexer_compressor_gate,
+                                      w.indexer_compressor_ape, a, positions, ratio)
+    chunk = ChunkRows(lc, p0, ratio, kv, comp_in, index_in)
     new_lc = chunk.cache_after(w, config, T, numerics)
 
     if ratio:

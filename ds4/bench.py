@@ -108,7 +108,7 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     """Context-frontier sweep: prefill and generation tokens/s at growing contexts."""
     from ds4.chat import ThinkMode, render_prompt
     from ds4.cli import _select_backend
-    from ds4.loader import choose_model, open_model, open_mtp
+    from ds4.loader import choose_model, open_model
     from ds4.session import Engine, Session
     from ds4.speculative import SpecOptions
 
@@ -136,7 +136,7 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     session = Session(engine, ctx_alloc, prefill_chunk)
     spec = None
     if mtp_path:
-        margin = open_mtp(mtp_path, model_file.config).mtp_margin if mtp_margin is None else mtp_margin
+        margin = engine.mtp_file.mtp_margin if mtp_margin is None else mtp_margin
         spec = SpecOptions(draft=1 if mtp_continuous else mtp_draft or 1, margin=margin)
     click.echo(f"ds4-bench: context buffers {model_file.config.kv_cache_bytes(ctx_alloc, session.prefill_chunk) / 2**20:.2f}"
                f" MiB (ctx={ctx_alloc}, backend={backend}, prefill_chunk={session.prefill_chunk})", err=True)

@@ -55,7 +55,8 @@ class Engine:
         self.config = self.file.config
         self.tokenizer = self.file.tokenizer()
         self.model = Model.load(self.file, numerics)
-        self.mtp = MTPHead.load(open_mtp(mtp_path, self.config), self.model, numerics) if mtp_path else None
+        self.mtp_file = open_mtp(mtp_path, self.config) if mtp_path else None
+        self.mtp = MTPHead.load(self.mtp_file, self.model, numerics) if mtp_path else None
 
     @property
     def row_invariant(self) -> bool:

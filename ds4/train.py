@@ -169,15 +169,23 @@ def _cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.mean(mx.logsumexp(logits, axis=-1) - picked)
 
 
-def sequence_losses(model: Model, mtp: MTPHead, seq: np.ndarray) -> tuple[mx.array, mx.array]:
-    """(trunk CE, MTP CE) of one window seq [T + 1]: the trunk predicts seq[1:] from seq[:-1]; the
-    MTP row q pairs the trunk state h_q with token q+1 and predicts token q+2."""
-    T = len(seq) - 1
-    seq = mx.array(seq) if isinstance(seq, np.ndarray) else seq
-    target = seq[1:]
-    logits, _, X = model.forward(seq[:-1], ModelCache.empty(model.config, T), all_logits=True)
-    _, _, Y = mtp.forward(X[:-1], target[:-1], mtp.empty_cache(T), head=False)
-    return _cross_entropy(logits, target), _cross_entropy(mtp.logits(Y), target[1:])
+def trunk_and_mtp_logits(model: Model, mtp: MTPHead, tokens) -> tuple[mx.array, mx.array]:
+    """Both heads over a window of T tokens from an empty cache: trunk logits [T, V] (row q
+    predicts token q+1) and MTP logits [T-1, V] (row q pairs the trunk state h_q with token q+1
+    and predicts token q+2)."""
+    tokens = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, np.int32))
+    T = len(tokens)
+    logits, _, X = model.forward(tokens, ModelCache.empty(model.config, T), all_logits=True)
+    _, _, Y = mtp.forward(X[:-1], tokens[1:], mtp.empty_cache(T), head=False)
+    return logits, mtp.logits(Y)
+
+
+def sequence_losses(model: Model, mtp: MTPHead, seq) -> tuple[mx.array, mx.array]:
+    """(trunk CE, MTP CE) of one window seq [T + 1]: the trunk predicts seq[1:] from seq[:-1], the
+    MTP (DeepSeek-V3 pairing) seq[2:]."""
+    seq = seq if isinstance(seq, mx.array) else mx.array(np.asarray(seq, np.int32))
+    logits, mtp_logits = trunk_and_mtp_logits(model, mtp, seq[:-1])
+    return _cross_entropy(logits, seq[1:]), _cross_entropy(mtp_logits, seq[2:])
 
 
 def expert_loads(model: Model, mtp: MTPHead) -> list[mx.array]:
@@ -334,11 +342,8 @@ def distill_mtp(config: ModelConfig, corpus: Corpus, opts: TrainOptions, params:
         kl = agree = mx.array(0.0)
         loads = mx.zeros((config.n_expert,))
         for seq in batch:
-            seq = mx.array(seq)
-            logits, _, X = model.forward(seq[:-1], ModelCache.empty(config, len(seq) - 1), all_logits=True)
+            logits, student = trunk_and_mtp_logits(model, mtp, seq[:-1])
             teacher = mx.stop_gradient(logits[1:])  # the trunk's row for q+2
-            _, _, Y = mtp.forward(mx.stop_gradient(X[:-1]), seq[1:-1], mtp.empty_cache(len(seq)), head=False)
-            student = mtp.logits(Y)
             t_log = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
             s_log = student - mx.logsumexp(student, axis=-1, keepdims=True)
             kl = kl + mx.mean(mx.sum(mx.exp(t_log) * (t_log - s_log), axis=-1)) / len(batch)

@@ -43,13 +43,12 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["DS4_BLAS"] = args.blas
 
+    import ds4  # first: it picks the CPU BLAS (DS4_BLAS) before mlx.core loads  # isort: skip
     import mlx.core as mx
     import numpy as np
 
-    import ds4
     from ds4 import train
     from ds4.attention import Numerics
-    from ds4.cache import ModelCache
     from ds4.generate import generate, generate_speculative
     from ds4.loader import EMBEDDED_MODEL, EMBEDDED_MTP, open_model, open_mtp
     from ds4.model import Model
@@ -89,12 +88,9 @@ def main() -> None:
     model, mtp = shipped
 
     def draft_agreement(seq: np.ndarray) -> tuple[int, int]:
-        T = len(seq)
-        logits, _, X = model.forward(seq, ModelCache.empty(model.config, T), all_logits=True)
-        trunk_next = mx.argmax(logits, axis=-1)  # row q: the trunk's token for q+1
-        _, _, Y = mtp.forward(X[:-1], mx.array(seq[1:]), mtp.empty_cache(T), head=False)
-        agree = mx.argmax(mtp.logits(Y), axis=-1) == trunk_next[1:]
-        return int(mx.sum(agree).item()), T - 1
+        logits, mtp_logits = train.trunk_and_mtp_logits(model, mtp, seq)
+        agree = mx.argmax(mtp_logits, axis=-1) == mx.argmax(logits[1:], axis=-1)  # both predict q+2
+        return int(mx.sum(agree).item()), len(seq) - 1
 
     starts = np.linspace(0, len(valid) - 258, args.windows).astype(int)
     ok = total = 0
