@@ -13,7 +13,7 @@ import sys
 import click
 
 from ds4.atomic import atomic_write
-from ds4.attention import Numerics
+from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
 from ds4.generate import ThinkPrinter, generate, generate_speculative

@@ -10,6 +10,7 @@ the same key table, so reader and writer cannot drift apart.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,19 @@ def layer_compress_ratio(il: int) -> int:
     if il < 2:
         return 0
     return 4 if il % 2 == 0 else 128
+
+
+class LayerKind(enum.Enum):
+    """What a layer attends to besides its sliding window of raw rows."""
+
+    SLIDING = 0  # the raw window only (layers 0-1 and the MTP block)
+    INDEXED = 4  # ratio-4 compressed rows, the lightning indexer's top-k of them
+    COMPRESSED = 128  # ratio-128 compressed rows, all of them
+
+    @property
+    def ratio(self) -> int:
+        """Tokens pooled into one compressed row (0: none)."""
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,9 @@ class ModelConfig:
 
     def ratio(self, il: int) -> int:
         return self.compress_ratios[il]
+
+    def layer_kind(self, il: int) -> LayerKind:
+        return LayerKind(self.compress_ratios[il])
 
     def is_hash_layer(self, il: int) -> bool:
         return il < self.n_hash_layer

@@ -122,6 +122,11 @@ class GGUFTensor:
             n *= d
         return n
 
+    def release(self) -> None:
+        """Let the pages of this tensor's bytes go from the process (after its data was copied
+        to the device): they stay in the page cache, and a later `data()` reads them back."""
+        self.file.release_range(self.offset, self.n_bytes)
+
     def data(self) -> np.ndarray:
         """A read-only numpy view of the tensor bytes, dims reversed (outermost first).
 
@@ -230,6 +235,14 @@ class GGUFFile:
         self.fields: dict[str, Field] = {}
         self.tensors: dict[str, GGUFTensor] = {}
         self._parse()
+
+    def release_range(self, offset: int, n_bytes: int) -> None:
+        """madvise(DONTNEED) the whole pages inside [offset, offset + n_bytes) of the mapping."""
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        end = (offset + n_bytes) // page * page
+        if self._mmap is not None and end > start and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     # -- parsing ---------------------------------------------------------------------------------
 

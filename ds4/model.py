@@ -1,26 +1,43 @@
-"""The DS4 Flash forward pass in MLX (forward doc §3-§8): weights bound once from a validated
-GGUF, the hyper-connection residual, the layer skeleton and the output head.
+"""The DS4 Flash forward pass in MLX: weights bound once from a validated GGUF, the
+hyper-connection residual, the layer skeleton, the output head, and the compiled step.
 
-`Model.forward(tokens, cache)` runs a chunk of consecutive tokens (one token is a decode step)
-layer-major and returns the logits, the new cache and the trunk's final HC state. A chunk gives
-exactly what feeding its tokens one at a time gives; only the float reduction order differs.
+`Model.step(tokens, state)` runs a chunk of consecutive tokens (one token is a decode step)
+after a `StepState` and returns a `StepOut`: logits (the last row, or every row for a verify),
+their argmax and finiteness, the final HC states and the new state. The step is one graph,
+compiled with `mx.compile` once per shape class: the token count, the position bucket (a
+power of two covering the chunk's last position, which bounds the compressed rows it reads)
+and whether every row's logits are wanted. The position itself is a device value, so a
+compiled step is reused at every position of its bucket. `Model.forward` is the same
+function uncompiled (training differentiates through it).
+
+A chunk gives exactly what feeding its tokens one at a time gives; only the float reduction
+order differs, and for the decode and verify widths (up to MAX_VERIFY_ROWS tokens) not even
+that: those steps trace under `kernels.row_invariant()`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from ds4.attention import Numerics, attention, rms_norm
-from ds4.cache import ModelCache
-from ds4.config import ModelConfig
+from ds4 import kernels
+from ds4.attention import ChunkRows, attention
+from ds4.config import LayerKind, ModelConfig
 from ds4.layout import TensorSpec, base_optional_specs, base_tensor_specs
 from ds4.loader import ModelFile
 from ds4.moe import moe
+from ds4.numerics import Numerics, rms_norm
 from ds4.quant import ActQuantized, QuantExperts, QuantWeight
+from ds4.rope import table_positions
+from ds4.state import Frontier, LayerState, StepState
+
+MAX_VERIFY_ROWS = 17  # decode and verify widths (1 + up to 16 drafts): traced row-invariant
+MIN_BUCKET = 256  # smallest position bucket
 
 LAYER_FIELDS = (
     "hc_attn_fn", "hc_attn_scale", "hc_attn_base", "attn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b",
@@ -53,17 +70,20 @@ def field_name(gguf_name: str, prefix: str) -> str:
 def bind_tensor(model: ModelFile, spec: TensorSpec, numerics: Numerics = Numerics()):
     """A GGUF tensor as what the forward uses: a QuantWeight for matrices, QuantExperts for
     routed experts, float32 arrays for vectors and the compressor position biases, int32 for
-    the hash-routing table. With `numerics.act_quant`, Q8_0 matrices and IQ2_XXS/Q2_K experts
-    see their inputs int8-quantized as on ds4's CPU path."""
+    the hash-routing table, and the token embedding as the file's own rows on the host (a step
+    reads T of them; the table never goes to the device). With `numerics.act_quant`, Q8_0
+    matrices and IQ2_XXS/Q2_K experts see their inputs int8-quantized as on ds4's CPU path."""
     t = model.tensors[spec.name]
     data = t.data()
+    if spec.role == "embed":
+        return data
     if spec.role == "routed":
         n_in, n_out, n_expert = t.dims
         experts = QuantExperts(data, QT(t.qtype), (n_expert, n_out, n_in))
         if numerics.act_quant and t.qtype in (QT.IQ2_XXS, QT.Q2_K):
             return ActQuantized(experts, "q8_k")
         return experts
-    if spec.role in ("tid2eid", "embed"):  # row lookups: the table as stored (I32, F16)
+    if spec.role == "tid2eid":
         return mx.array(np.ascontiguousarray(data))
     if len(t.dims) == 1 or spec.role == "ape":
         return mx.array(np.asarray(data, dtype=np.float32))
@@ -71,6 +91,20 @@ def bind_tensor(model: ModelFile, spec: TensorSpec, numerics: Numerics = Numeric
     weight = QuantWeight(data, QT(t.qtype), (n_out, n_in))
     return ActQuantized(weight, "q8_0") if numerics.act_quant and t.qtype == QT.Q8_0 else weight
 
+
+def bind_tensors(model: ModelFile, specs: list[TensorSpec], numerics: Numerics) -> dict:
+    """Bind tensors one at a time, letting each one's file pages go once it is on the device
+    (the embedding stays mapped: steps read its rows), so loading holds at most the device
+    weights and one tensor's pages."""
+    out = {}
+    for spec in specs:
+        out[spec.name] = bind_tensor(model, spec, numerics)
+        if spec.role != "embed":
+            model.tensors[spec.name].release()
+    return out
+
+
+# -- hyper-connections ------------------------------------------------------------------------
 
 @dataclass
 class HCMix:
@@ -81,48 +115,124 @@ class HCMix:
     comb: mx.array  # [T, M, M]: comb[i, j] moves source stream i into destination stream j
 
 
-def hc_pre(X: mx.array, fn: QuantWeight, scale: mx.array, base: mx.array, config: ModelConfig) -> HCMix:
-    """§4.1: mix the M streams X [T, M, E] into one sublayer input, with Sinkhorn-normalised
-    combine weights for HC post."""
+def _slice_sum(x: mx.array, axis: int) -> mx.array:
+    """Sum over a short axis as a sum of slices (keepdims): elementwise, so it fuses."""
+    return _sum([x[(slice(None),) * axis + (slice(i, i + 1),)] for i in range(x.shape[axis])])
+
+
+def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
+    """The combine matrix from its logits [T, M, M]: row softmax + eps, then column
+    normalisation, then iters - 1 rounds of row and column normalisation, each multiplying by
+    1 / (sum + eps) as ds4 does. The M = 4 sums are sums of slices, so each normalisation is
+    one fused kernel in a compiled step (MLX fuses at most 11 ops deep, so not the whole loop)."""
+    top = logits[:, :, :1]
+    for j in range(1, logits.shape[2]):
+        top = mx.maximum(top, logits[:, :, j:j + 1])
+    e = mx.exp(logits - top)
+    c = e * (1.0 / _slice_sum(e, 2)) + eps
+    c = c * (1.0 / (_slice_sum(c, 1) + eps))
+    for _ in range(iters - 1):
+        c = c * (1.0 / (_slice_sum(c, 2) + eps))
+        c = c * (1.0 / (_slice_sum(c, 1) + eps))
+    return c
+
+
+def _sum(terms: list[mx.array]) -> mx.array:
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _mix_streams(w: mx.array, X: mx.array) -> mx.array:
+    """sum_m w[:, m] * X[:, m]: weights [T, M], streams [T, M, E] -> [T, E] (one fused kernel)."""
+    return _sum([w[:, m:m + 1] * X[:, m, :] for m in range(X.shape[1])])
+
+
+def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig) -> HCMix:
+    """Mix the M streams X [T, M, E] into one sublayer input, with Sinkhorn-normalised combine
+    weights for HC post."""
     T, M, E = X.shape
     eps = config.hc_eps
     mix = fn(rms_norm(X.reshape(T, M * E), None, config.rms_eps))  # [T, 2M + M*M]
     pre = mx.sigmoid(mix[:, :M] * scale[0] + base[:M]) + eps
     post = 2.0 * mx.sigmoid(mix[:, M:2 * M] * scale[1] + base[M:2 * M])
-    comb = (mix[:, 2 * M:] * scale[2] + base[2 * M:]).reshape(T, M, M)
-    comb = mx.softmax(comb, axis=-1, precise=True) + eps
-    comb = comb / (mx.sum(comb, axis=-2, keepdims=True) + eps)
-    for _ in range(config.hc_sinkhorn_iters - 1):
-        comb = comb / (mx.sum(comb, axis=-1, keepdims=True) + eps)
-        comb = comb / (mx.sum(comb, axis=-2, keepdims=True) + eps)
-    y = mx.sum(pre[:, :, None] * X, axis=1)
-    return HCMix(y, post, comb)
+    comb = sinkhorn((mix[:, 2 * M:] * scale[2] + base[2 * M:]).reshape(T, M, M), config.hc_sinkhorn_iters, eps)
+    return HCMix(_mix_streams(pre, X), post, comb)
 
 
 def hc_post(out: mx.array, X: mx.array, mix: HCMix) -> mx.array:
-    """§4.2: X'[j] = post_j * out + sum_i comb[i, j] * X[i]; the residual path of every sublayer."""
-    return mix.post[:, :, None] * out[:, None, :] + mx.einsum("tij,tie->tje", mix.comb, X)
+    """X'[j] = post_j * out + sum_i comb[i, j] * X[i]: the residual path of every sublayer."""
+    moved = _sum([mix.comb[:, i, :, None] * X[:, i:i + 1, :] for i in range(X.shape[1])])
+    return mix.post[:, :, None] * out[:, None, :] + moved
 
 
-def hc_head(X: mx.array, fn: QuantWeight, scale: mx.array, base: mx.array, config: ModelConfig) -> mx.array:
-    """§4.4: collapse the streams with sigmoid gates (no Sinkhorn): [T, M, E] -> [T, E]."""
+def hc_head(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig) -> mx.array:
+    """Collapse the streams with sigmoid gates (no Sinkhorn): [T, M, E] -> [T, E]."""
     T, M, E = X.shape
     q = fn(rms_norm(X.reshape(T, M * E), None, config.rms_eps))
-    w = mx.sigmoid(q * scale[0] + base) + config.hc_eps
-    return mx.sum(w[:, :, None] * X, axis=1)
+    return _mix_streams(mx.sigmoid(q * scale[0] + base) + config.hc_eps, X)
 
 
-def block(w: LayerWeights, config: ModelConfig, ratio: int, clamp: float, X: mx.array, tokens: mx.array,
-          p0: int, lc, numerics: Numerics):
-    """One layer (§4.3): HC-wrapped attention then HC-wrapped MoE. Returns (X', new LayerCache,
-    the chunk's ChunkRows)."""
+def block(w: LayerWeights, kind: LayerKind, config: ModelConfig, clamp: float, X: mx.array, tokens: mx.array,
+          p0: mx.array, start: mx.array, state: LayerState, stores: tuple, bucket: int, n_positions: int,
+          numerics: Numerics):
+    """One layer: HC-wrapped attention then HC-wrapped MoE. Returns (X', new LayerState,
+    ChunkRows, updated stores)."""
     a_mix = hc_pre(X, w.hc_attn_fn, w.hc_attn_scale, w.hc_attn_base, config)
     a = rms_norm(a_mix.y, w.attn_norm, config.rms_eps)
-    out, lc, chunk = attention(w, config, ratio, a, p0, lc, numerics)
+    rows = 0 if kind is LayerKind.SLIDING else min(bucket // kind.ratio, stores[0].shape[0])
+    out, state, chunk, stores = attention(w, kind, config, a, state, p0, start, stores, rows, n_positions, numerics)
     X = hc_post(out, X, a_mix)
     f_mix = hc_pre(X, w.hc_ffn_fn, w.hc_ffn_scale, w.hc_ffn_base, config)
     f = rms_norm(f_mix.y, w.ffn_norm, config.rms_eps)
-    return hc_post(moe(w, config, clamp, f, tokens), X, f_mix), lc, chunk
+    return hc_post(moe(w, config, clamp, f, tokens), X, f_mix), state, chunk, stores
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+def position_bucket(end: int) -> int:
+    """Positions a step ending at `end` may read compressed rows for: a power of two."""
+    return max(MIN_BUCKET, 1 << max(0, end - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """The static shape class of a compiled step."""
+
+    n_tokens: int
+    bucket: int  # position bucket
+    all_logits: bool  # logits for every row (verify), else the last row only
+    n_positions: int  # RoPE table size
+
+    @property
+    def row_invariant(self) -> bool:
+        return self.n_tokens <= MAX_VERIFY_ROWS
+
+
+@dataclass
+class StepOut:
+    """A step's results (lazy until evaluated)."""
+
+    logits: mx.array  # [T or 1, V]
+    argmax: mx.array  # [T or 1] greedy token after each row (lowest id on ties)
+    finite: mx.array  # [T or 1] whether each row's logits are all finite
+    hidden: mx.array  # [T, M, E] final HC state of every row
+    state: StepState  # after all T tokens
+    chunks: list[ChunkRows] | None  # (verify) per layer: the state after any first n rows
+
+    def arrays(self) -> list[mx.array]:
+        out = [self.logits, self.argmax, self.finite, self.hidden, *self.state.arrays()]
+        return out + (self.state.store.arrays() if self.state.store is not None else [])
+
+
+def _layer_arrays(s: LayerState) -> list:
+    return [s.raw, None if s.comp is None else (s.comp.kv, s.comp.score),
+            None if s.index is None else (s.index.kv, s.index.score)]
+
+
+def _layer_state(a: list) -> LayerState:
+    return LayerState(a[0], None if a[1] is None else Frontier(*a[1]), None if a[2] is None else Frontier(*a[2]))
 
 
 class Model:
@@ -139,52 +249,110 @@ class Model:
             prefix = f"blk.{il}."
             self.layers.append(LayerWeights(**{field_name(n, prefix): v for n, v in tensors.items()
                                                if n.startswith(prefix)}))
+        self.kinds = [c.layer_kind(il) for il in range(c.n_layer)]
         self.token_embd = tensors["token_embd.weight"]
         self.output_hc_fn = tensors["output_hc_fn.weight"]
         self.output_hc_scale = tensors["output_hc_scale.weight"]
         self.output_hc_base = tensors["output_hc_base.weight"]
         self.output_norm = tensors["output_norm.weight"]
         self.output = tensors["output.weight"]
+        self.compile = os.environ.get("DS4_COMPILE", "1") != "0"
+        self.traces = 0  # step graphs traced so far (each compiled shape class traces once)
+        self._compiled: dict[StepSpec, object] = {}
 
     @classmethod
     def load(cls, model_file: ModelFile, numerics: Numerics = Numerics()) -> Model:
         """Bind a validated base GGUF's tensors to the device."""
         c = model_file.config
         specs = base_tensor_specs(c) + [s for s in base_optional_specs(c) if s.name in model_file.tensors]
-        return cls(c, {s.name: bind_tensor(model_file, s, numerics) for s in specs}, numerics)
+        return cls(c, bind_tensors(model_file, specs, numerics), numerics)
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """§3 steps 1-2: every HC stream starts as the token's embedding, [T, M, E]."""
-        e = self.token_embd[tokens].astype(mx.float32)
-        return mx.broadcast_to(e[:, None, :], (e.shape[0], self.config.n_hc, e.shape[1]))
+        """Token embeddings [T, E] float32: rows of the file's table read on the host (the ids
+        are the committed ones, known there), or of a device table (the trainer's)."""
+        if isinstance(self.token_embd, np.ndarray):
+            return mx.array(self.token_embd[np.array(tokens, dtype=np.int64)].astype(np.float32))
+        return self.token_embd[tokens].astype(mx.float32)
 
     def head(self, X: mx.array) -> mx.array:
-        """§8: HC collapse, final norm and the vocabulary projection: [T, M, E] -> logits [T, V]."""
+        """HC collapse, final norm and the vocabulary projection: [T, M, E] -> logits [T, V]."""
         h = hc_head(X, self.output_hc_fn, self.output_hc_scale, self.output_hc_base, self.config)
         return self.output(rms_norm(h, self.output_norm, self.config.rms_eps))
 
-    def forward(self, tokens, cache: ModelCache, all_logits: bool = False):
-        """Run tokens (a list or int array) at positions cache.pos.. through the model.
+    # -- the pure step over arrays (what gets compiled) ---------------------------------------
 
-        Returns (logits [T or 1, V] (every row or only the last), new cache, final HC [T, M, E]).
-        """
-        return self.run(tokens, cache, all_logits)[:3]
-
-    def run(self, tokens, cache: ModelCache, all_logits: bool = False):
-        """`forward`, plus each layer's ChunkRows (for `cache_after`)."""
+    def _step_arrays(self, spec: StepSpec, x: mx.array, tokens: mx.array, p0: mx.array, start: mx.array,
+                     layers: list, comp: list, index: list) -> dict:
+        self.traces += 1
         c = self.config
-        tok = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
-        p0 = cache.pos
-        X = self.embed(tok)
-        layers, chunks = [], []
-        for il, (w, lc) in enumerate(zip(self.layers, cache.layers)):
-            X, lc, chunk = block(w, c, c.ratio(il), c.swiglu_clamp[il], X, tok, p0, lc, self.numerics)
-            layers.append(lc)
-            chunks.append(chunk)
-        logits = self.head(X if all_logits else X[-1:])
-        return logits, cache.with_layers(p0 + len(tokens), layers), X, chunks
+        X = mx.broadcast_to(x[:, None, :], (x.shape[0], c.n_hc, x.shape[1]))  # every stream starts as e
+        new_layers, chunks, comp, index = [], [], list(comp), list(index)
+        with kernels.row_invariant(spec.row_invariant):
+            for il, (w, kind) in enumerate(zip(self.layers, self.kinds)):
+                state = _layer_state(layers[il])
+                stores = (comp[il], index[il]) if kind is not LayerKind.SLIDING else (None, None)
+                X, state, chunk, stores = block(w, kind, c, c.swiglu_clamp[il], X, tokens, p0, start, state, stores,
+                                                spec.bucket, spec.n_positions, self.numerics)
+                if kind is not LayerKind.SLIDING:
+                    comp[il], index[il] = stores
+                new_layers.append(_layer_arrays(state))
+                chunks.append([chunk.kv, chunk.comp, chunk.index])
+            logits = self.head(X if spec.all_logits else X[-1:])
+        return {"logits": logits, "argmax": mx.argmax(logits, axis=-1),
+                "finite": mx.all(mx.isfinite(logits), axis=-1), "hidden": X, "layers": new_layers,
+                "chunks": chunks if spec.all_logits else None, "comp": comp, "index": index}
 
-    def cache_after(self, cache: ModelCache, chunks: list, n: int) -> ModelCache:
-        """The cache after the first n tokens of the chunk that `run` fed on `cache`."""
-        layers = [ch.cache_after(w, self.config, n, self.numerics) for w, ch in zip(self.layers, chunks)]
-        return cache.with_layers(cache.pos + n, layers)
+    def _function(self, spec: StepSpec):
+        fn = self._compiled.get(spec)
+        if fn is None:
+            fn = partial(self._step_arrays, spec)
+            if self.compile:
+                fn = mx.compile(fn)
+            self._compiled[spec] = fn
+        return fn
+
+    def empty_state(self, ctx: int, max_chunk: int) -> StepState:
+        """A state before the first token, with a fresh row store for a context of `ctx`."""
+        from ds4.state import RowStore
+
+        return StepState.empty(self.config, ctx, RowStore(self.config, ctx, max_chunk))
+
+    def step(self, tokens, state: StepState, all_logits: bool = False, compiled: bool = True) -> StepOut:
+        """Run tokens at positions state.pos.. after `state` (lazy; the caller evaluates).
+
+        The state's row store is written in place: rows of windows from state.pos // ratio on;
+        after evaluating, `state.store.record(state.pos, tokens)`."""
+        if not isinstance(tokens, mx.array):
+            tokens = mx.array(np.asarray(tokens, dtype=np.int32).reshape(-1))
+        T, p0, c = tokens.shape[0], state.pos, self.config
+        spec = StepSpec(T, position_bucket(p0 + T), all_logits, table_positions(state.ctx + 8 * T + 256))
+        fn = self._function(spec) if compiled else partial(self._step_arrays, spec)
+        store = state.store
+        comp, index = store.take(p0) if store is not None else ([None] * c.n_layer, [None] * c.n_layer)
+        try:
+            out = fn(self.embed(tokens), tokens, mx.array(p0, mx.int32), mx.array(state.start, mx.int32),
+                     [_layer_arrays(s) for s in state.layers], comp, index)
+        except BaseException:
+            if store is not None:
+                store.put(comp, index)
+            raise
+        del comp, index
+        if store is not None:
+            store.put(out["comp"], out["index"])
+        chunks = None
+        if out["chunks"] is not None:
+            chunks = [ChunkRows(kv, None if cp is None else tuple(cp), None if ix is None else tuple(ix))
+                      for kv, cp, ix in out["chunks"]]
+        new = state.with_layers(p0 + T, [_layer_state(a) for a in out["layers"]])
+        return StepOut(out["logits"], out["argmax"], out["finite"], out["hidden"], new, chunks)
+
+    def state_after(self, before: StepState, chunks: list[ChunkRows], n: int) -> StepState:
+        """The state after the first n tokens of a verify step run on `before` (its rows are in
+        the store already; the raw windows and frontiers follow from the chunk's rows)."""
+        return before.with_layers(before.pos + n, [ch.state_after(s, n) for ch, s in zip(chunks, before.layers)])
+
+    def forward(self, tokens, state: StepState, all_logits: bool = False):
+        """The step, uncompiled: (logits, new state, final HC [T, M, E]). Training differentiates
+        through it; it writes the state's row store like `step`."""
+        out = self.step(tokens, state, all_logits, compiled=False)
+        return out.logits, out.state, out.hidden

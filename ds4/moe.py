@@ -1,12 +1,12 @@
-"""The MoE FFN sublayer of DS4 Flash (forward doc §7): sqrt-softplus router with token-hash
-routing on the first layers and biased top-k elsewhere, routed SwiGLU experts with the clamp,
-and the always-on shared expert."""
+"""The MoE FFN sublayer of DS4 Flash: sqrt-softplus router with token-hash routing on the first
+layers and biased top-k elsewhere, routed SwiGLU experts with the clamp, and the always-on
+shared expert. Every step is per token (no host sync, row-invariant)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from ds4.attention import topk_lowest_index
+from ds4.numerics import topk_lowest_index
 
 MIN_WEIGHT_SUM = 6.1035e-5  # ds4's floor on the sum of the selected probabilities
 

@@ -11,7 +11,7 @@ result.
 Weights and their matmul paths:
 
     type      QuantWeight / QuantExperts path                      weights the matmul sees
-    F32, F16  float32 matmul (F16 stored as f16, upcast)            exact
+    F32, F16  float32 matmul (F16 upcast once at load)              exact
     Q8_0      MLX affine 8-bit g32: quantized_matmul / gather_qmm   exact (a -0 may read +0)
     Q4_K      MLX affine 4-bit g32: quantized_matmul / gather_qmm   exact
     Q2_K      MLX-op dequantize, float32 matmul / gather_mm         exact
@@ -23,21 +23,20 @@ matmul also folds scale and bias into its sums), so outputs agree to float32 rou
 Affine scales and biases are float32: exactness needs them (d*sc has up to 17 significant
 bits), and on the MLX CPU backend f16 scales made a 4096x4096 q4 matvec 37x slower.
 
-Fused kernels plug in through `_fused_matmul(kind)`, which answers None unless Metal is
-available and a kernel for `kind` exists; the MLX-op path stays the reference they are
-tested against.
+The weights call their products through the kernel table (`ds4.kernels`: ops "matmul",
+"grouped_matmul", "gather_matmul" and "dequant", keyed by the quant type); the MLX-op paths
+here are the reference entries that fused kernels are tested against.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ds4 import kernels
 from ds4.codecs import row_bytes
 from ds4.errors import QuantError
 
@@ -48,7 +47,6 @@ SUPPORTED = (QT.F32, QT.F16, QT.Q8_0, QT.Q2_K, QT.Q4_K, QT.IQ2_XXS)
 AFFINE_BITS = {QT.Q8_0: 8, QT.Q4_K: 4}
 GROUP_SIZE = 32
 
-KERNELS_METAL = Path(__file__).resolve().parent.parent / "kernels_metal"
 # Rows transcoded per MLX graph at load time, to bound the temporaries.
 _TRANSCODE_ROWS = 1 << 14
 
@@ -217,26 +215,34 @@ _AFFINE = {QT.Q8_0: _affine_q8_0, QT.Q4_K: _affine_q4_k}
 
 
 def _transcode(data: np.ndarray, qtype: QT, n_in: int) -> tuple[mx.array, mx.array, mx.array]:
-    """GGUF rows uint8 [R, row_bytes] -> MLX affine (w_q, scales, biases) [R, ...], evaluated."""
+    """GGUF rows uint8 [R, row_bytes] -> MLX affine (w_q, scales, biases) [R, ...], evaluated.
+
+    Chunks of rows are written in place into the outputs, so the load never holds more than
+    the result and one chunk's temporaries."""
     block, type_size = GGML_QUANT_SIZES[qtype]
-    parts = []
-    for r0 in range(0, data.shape[0], _TRANSCODE_ROWS):
+    R = data.shape[0]
+    out = None
+    for r0 in range(0, R, _TRANSCODE_ROWS):
         chunk = mx.array(np.ascontiguousarray(data[r0 : r0 + _TRANSCODE_ROWS]))
-        out = _AFFINE[qtype](chunk.reshape(chunk.shape[0], n_in // block, type_size))
+        parts = _AFFINE[qtype](chunk.reshape(chunk.shape[0], n_in // block, type_size))
+        if out is None:
+            if chunk.shape[0] == R:
+                mx.eval(*parts)
+                return parts
+            out = [mx.zeros((R, p.shape[1]), p.dtype) for p in parts]
+        start = mx.array([r0])
+        out = [mx.slice_update(o, p, start, axes=(0,)) for o, p in zip(out, parts)]
         mx.eval(*out)
-        parts.append(out)
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(mx.concatenate([p[i] for p in parts]) for i in range(3))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
-# Fused-kernel seam.
+# Metal: IQ2_XXS dequantization as a kernel (ds4/kernels_metal/dequant_iq2_xxs.metal).
 
 
 @cache
 def _metal_dequant_iq2_xxs_kernel():
-    source = (KERNELS_METAL / "dequant_iq2_xxs.metal").read_text()
+    source = (kernels.KERNELS_METAL / "dequant_iq2_xxs.metal").read_text()
     return mx.fast.metal_kernel(
         name="ds4_dequant_iq2_xxs",
         input_names=["blocks", "iq2_grid", "ksigns"],
@@ -252,9 +258,10 @@ def _iq2_grid_bytes() -> mx.array:
 
 
 def metal_dequant_iq2_xxs(blocks: mx.array, n_elems: int) -> mx.array:
-    """IQ2_XXS rows uint8 [R, row_bytes] -> float32 [R, n_elems] with the Metal kernel
-    (kernels_metal/dequant_iq2_xxs.metal; one thread per 8-element sub-group)."""
-    R = blocks.shape[0]
+    """IQ2_XXS rows uint8 [..., row_bytes] -> float32 [..., n_elems] with the Metal kernel (one
+    thread per 8-element sub-group)."""
+    lead = blocks.shape[:-1]
+    R = int(np.prod(lead)) if lead else 1
     n_threads = R * n_elems // 8
     (out,) = _metal_dequant_iq2_xxs_kernel()(
         inputs=[blocks.reshape(-1), _iq2_grid_bytes(), _iq2_xxs_tables()[1]],
@@ -263,25 +270,12 @@ def metal_dequant_iq2_xxs(blocks: mx.array, n_elems: int) -> mx.array:
         output_shapes=[(R, n_elems)],
         output_dtypes=[mx.float32],
     )
-    return out
+    return out.reshape(*lead, n_elems)
 
 
-def _iq2_xxs_metal_matmul(x: mx.array, blocks: mx.array, n_in: int) -> mx.array:
-    # Dequantize with the Metal kernel, then a float32 matmul; a fused kernel replaces this.
-    return x @ metal_dequant_iq2_xxs(blocks, n_in).T
-
-
-# kind -> matmul(x, blocks, n_in) used instead of the MLX-op path where Metal is available.
-_FUSED_MATMULS: dict[str, Callable[[mx.array, mx.array, int], mx.array]] = {
-    "IQ2_XXS": _iq2_xxs_metal_matmul,
-}
-
-
-def _fused_matmul(kind: str) -> Callable[[mx.array, mx.array, int], mx.array] | None:
-    """The fused kernel for `kind` (a GGML type name), or None: take the MLX-op path."""
-    if not mx.metal.is_available():
-        return None
-    return _FUSED_MATMULS.get(kind)
+for _qt in _DEQUANTIZERS:
+    kernels.register_reference("dequant", lambda blocks, n, _qt=_qt: dequantize(blocks, _qt, n), _qt.name)
+kernels.register("dequant", "IQ2_XXS", "metal", metal_dequant_iq2_xxs)
 
 
 # ---------------------------------------------------------------------------
@@ -309,87 +303,117 @@ def _check_data(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> np.ndarr
 
 class _DeviceBlocks:
     """GGUF rows [..., out, in] kept on the device: Q8_0 and Q4_K transcoded once to MLX affine
-    blocks (w_q, scales, biases), the other types as their GGUF bytes (blocks)."""
+    blocks (w_q, scales, biases), F16/F32 as float32 (`dense`), the other types as their GGUF
+    bytes (`blocks`)."""
 
     def __init__(self, data: np.ndarray, qtype: QT, shape: tuple[int, ...]):
         self.qtype = QT(qtype)
         self.shape = tuple(int(s) for s in shape)
         data = _check_data(data, self.qtype, self.shape)
         self.bits = AFFINE_BITS.get(self.qtype)
+        self.dense = self.blocks = None
         if self.bits is not None:
             flat = data.reshape(-1, data.shape[-1])
             lead = self.shape[:-1]
             self.w_q, self.scales, self.biases = (a.reshape(*lead, -1) for a in _transcode(flat, self.qtype, self.shape[-1]))
+        elif self.qtype in (QT.F32, QT.F16):
+            # float32 once at load: every product then runs on it directly (f16 -> f32 is exact)
+            self.dense = _to_device(data).astype(mx.float32)
+            mx.eval(self.dense)
         else:
-            self.blocks = mx.array(np.ascontiguousarray(data))
+            self.blocks = _to_device(data)
+
+    @property
+    def kind(self) -> str:
+        return self.qtype.name
 
     @property
     def nbytes(self) -> int:
         """Bytes held on the device."""
         if self.bits is not None:
             return self.w_q.nbytes + self.scales.nbytes + self.biases.nbytes
-        return self.blocks.nbytes
+        return (self.dense if self.dense is not None else self.blocks).nbytes
+
+    def _decode(self, index=None) -> mx.array:
+        """float32 weights [..., out, in] (of the leading entries `index`, when given)."""
+        if self.bits is not None:
+            parts = (self.w_q, self.scales, self.biases)
+            if index is not None:
+                parts = tuple(p[index] for p in parts)
+            return mx.dequantize(*parts, group_size=GROUP_SIZE, bits=self.bits)
+        if self.dense is not None:
+            return self.dense if index is None else self.dense[index]
+        blocks = self.blocks if index is None else self.blocks[index]
+        return kernels.lookup("dequant", self.kind)(blocks, self.shape[-1])
+
+
+def _to_device(data: np.ndarray) -> mx.array:
+    """A host tensor copied to the device and evaluated (the copy no longer needs the host pages)."""
+    a = mx.array(np.ascontiguousarray(data))
+    mx.eval(a)
+    return a
 
 
 class QuantWeight(_DeviceBlocks):
     """A 2-D GGUF weight W [out, in] (GGUF dims [in, out]) kept in its GGUF form on the device.
 
-    Q8_0 and Q4_K are transcoded once to MLX affine blocks; the other types keep their GGUF
-    bytes and are decoded when used. `w(x)` computes x @ W.T in float32.
-    """
+    `w(x)` computes x @ W.T in float32 and `w.grouped(x)` the block-diagonal grouped product,
+    each through the kernel table (`ds4.kernels`, ops "matmul" and "grouped_matmul" keyed by
+    the quant type); the references below define the results."""
 
     def dequantize(self) -> mx.array:
         """The weight as float32 [out, in]."""
-        if self.bits is not None:
-            return mx.dequantize(self.w_q, self.scales, self.biases, group_size=GROUP_SIZE, bits=self.bits)
-        return dequantize(self.blocks, self.qtype, self.shape[1])
+        return self._decode()
 
     def grouped(self, x: mx.array) -> mx.array:
         """Block-diagonal product for G row groups: x [T, G, in] -> [T, G, out / G], group g
         times rows g*out/G .. (g+1)*out/G (the grouped low-rank attention output)."""
-        T, G, n_in = x.shape
-        rows = self.shape[0] // G
-        x = x.astype(mx.float32)
-        if self.bits is not None:
-            w = [a.reshape(G, rows, -1) for a in (self.w_q, self.scales, self.biases)]
-            y = mx.gather_qmm(x[:, :, None, :], *w, rhs_indices=mx.broadcast_to(mx.arange(G), (T, G)),
-                              transpose=True, group_size=GROUP_SIZE, bits=self.bits)
-            return y.squeeze(-2)
-        return mx.einsum("tgi,goi->tgo", x, self.dequantize().reshape(G, rows, n_in))
+        return kernels.lookup("grouped_matmul", self.kind)(self, x.astype(mx.float32))
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [..., in] -> x @ W.T [..., out], float32."""
-        x = x.astype(mx.float32)
-        if self.bits is not None:
-            # MLX multiplies by the exact weights, folding scale and bias into its own sums.
-            return mx.quantized_matmul(
-                x, self.w_q, self.scales, self.biases, transpose=True, group_size=GROUP_SIZE, bits=self.bits
-            )
-        fused = _fused_matmul(self.qtype.name)
-        if fused is not None:
-            return fused(x, self.blocks, self.shape[1])
-        # Q2_K, IQ2_XXS, F16, F32: exact float32 weights, then a float32 matmul.
-        return x @ self.dequantize().T
+        return kernels.lookup("matmul", self.kind)(self, x.astype(mx.float32))
+
+
+def _matmul_reference(w: QuantWeight, x: mx.array) -> mx.array:
+    if w.bits is not None:
+        # MLX multiplies by the exact weights, folding scale and bias into its own sums; its
+        # kernels compute each row alike whatever the row count.
+        return mx.quantized_matmul(x, w.w_q, w.scales, w.biases, transpose=True, group_size=GROUP_SIZE, bits=w.bits)
+    return kernels.matmul_rows(x, w._decode().T)  # exact float32 weights, float32 products
+
+
+def _grouped_matmul_reference(w: QuantWeight, x: mx.array) -> mx.array:
+    T, G, n_in = x.shape
+    rows = w.shape[0] // G
+    if w.bits is not None:
+        parts = [a.reshape(G, rows, -1) for a in (w.w_q, w.scales, w.biases)]
+        y = mx.gather_qmm(x[:, :, None, :], *parts, rhs_indices=mx.broadcast_to(mx.arange(G), (T, G)),
+                          transpose=True, group_size=GROUP_SIZE, bits=w.bits)
+        return y.squeeze(-2)
+    wt = w._decode().reshape(G, rows, n_in).swapaxes(-1, -2)  # [G, in, rows]
+    if kernels.rows_independent():
+        return (x[:, :, None, :] @ mx.broadcast_to(wt, (T, G, n_in, rows))).squeeze(-2)
+    return mx.einsum("tgi,gio->tgo", x, wt)
 
 
 class QuantExperts(_DeviceBlocks):
     """Routed experts [n_expert, out, in] from a 3-D GGUF tensor (GGUF dims [in, out, n_expert],
-    expert e contiguous), multiplied only for the experts each row selects.
+    expert e contiguous), multiplied only for the experts each row selects (kernel table op
+    "gather_matmul", keyed by the quant type).
 
-    Q8_0 and Q4_K go through `mx.gather_qmm` on MLX affine blocks. The others (IQ2_XXS,
-    Q2_K, F16, F32) gather the chosen experts' GGUF bytes, dequantize just those and use
-    `mx.gather_mm`. With more than one row the expert ids are deduplicated on the host first
-    (one sync), so each chosen expert is decoded once per call; a single row (decode) gathers
-    its k experts directly and never syncs.
-    """
+    Reference: Q8_0 and Q4_K go through `mx.gather_qmm` on MLX affine blocks. The others
+    (IQ2_XXS, Q2_K, F16, F32) decode the chosen experts to float32 and use `mx.gather_mm`;
+    with several rows the chosen ids are deduplicated on the device (a sort and a prefix sum,
+    no host sync), so each expert is decoded once per call."""
+
+    @property
+    def n_expert(self) -> int:
+        return self.shape[0]
 
     def dequantize(self, experts: mx.array) -> mx.array:
         """Experts `experts` [U] as float32 [U, out, in]."""
-        if self.bits is not None:
-            return mx.dequantize(
-                self.w_q[experts], self.scales[experts], self.biases[experts], group_size=GROUP_SIZE, bits=self.bits
-            )
-        return dequantize(self.blocks[experts], self.qtype, self.shape[2])
+        return self._decode(experts)
 
     def gather_matmul(self, x: mx.array, expert_ids: mx.array) -> mx.array:
         """Row m times each of its experts: y[m, j] = x[m] @ W[expert_ids[m, j]].T.
@@ -401,28 +425,45 @@ class QuantExperts(_DeviceBlocks):
         Returns:
             float32 [M, k, out].
         """
-        M, k = expert_ids.shape
-        x = x.astype(mx.float32)
-        x = x[:, None, None, :] if x.ndim == 2 else x[:, :, None, :]  # [M, 1 or k, 1, in]
-        if self.bits is not None:
-            y = mx.gather_qmm(
-                x,
-                self.w_q,
-                self.scales,
-                self.biases,
-                rhs_indices=expert_ids,
-                transpose=True,
-                group_size=GROUP_SIZE,
-                bits=self.bits,
-            )
-            return y.squeeze(-2)
-        if M == 1:
-            experts, slots = expert_ids.reshape(-1), mx.arange(k).reshape(1, k)
-        else:
-            uniq, inverse = np.unique(np.array(expert_ids).reshape(-1), return_inverse=True)
-            experts, slots = mx.array(uniq), mx.array(inverse.reshape(M, k).astype(np.uint32))
-        w = self.dequantize(experts)  # [U, out, in]
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=slots).squeeze(-2)
+        return kernels.lookup("gather_matmul", self.kind)(self, x.astype(mx.float32), expert_ids)
+
+
+def unique_experts(expert_ids: mx.array, n_expert: int) -> tuple[mx.array, mx.array]:
+    """(experts [U], slots [M, k]) with expert_ids == experts[slots], U = min(M * k, n_expert)
+    fixed by the shape. Computed on the device (sort, first occurrences, prefix sum); slots
+    past the distinct count hold expert 0 and are never referenced."""
+    M, k = expert_ids.shape
+    if M == 1:
+        return expert_ids.reshape(-1), mx.arange(k).reshape(1, k)
+    if M * k >= n_expert:
+        return mx.arange(n_expert), expert_ids
+    flat = expert_ids.reshape(-1).astype(mx.int32)
+    order = mx.argsort(flat)
+    ranked = flat[order]
+    first = mx.concatenate([mx.ones((1,), mx.int32), (ranked[1:] != ranked[:-1]).astype(mx.int32)])
+    rank = mx.cumsum(first) - 1  # the slot of each sorted entry
+    experts = mx.zeros((M * k,), mx.int32)
+    experts[rank] = ranked
+    slots = mx.zeros((M * k,), mx.int32)
+    slots[order] = rank
+    return experts, slots.reshape(M, k)
+
+
+def _gather_matmul_reference(w: QuantExperts, x: mx.array, expert_ids: mx.array) -> mx.array:
+    x = x[:, None, None, :] if x.ndim == 2 else x[:, :, None, :]  # [M, 1 or k, 1, in]
+    if w.bits is not None:
+        y = mx.gather_qmm(x, w.w_q, w.scales, w.biases, rhs_indices=expert_ids, transpose=True,
+                          group_size=GROUP_SIZE, bits=w.bits)
+        return y.squeeze(-2)
+    experts, slots = unique_experts(expert_ids, w.n_expert)
+    weights = w.dequantize(experts)  # [U, out, in]
+    return mx.gather_mm(x, weights.swapaxes(-1, -2), rhs_indices=slots).squeeze(-2)
+
+
+for _qt in SUPPORTED:
+    kernels.register_reference("matmul", _matmul_reference, _qt.name)
+    kernels.register_reference("grouped_matmul", _grouped_matmul_reference, _qt.name)
+    kernels.register_reference("gather_matmul", _gather_matmul_reference, _qt.name)
 
 
 # ---------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Engine (a loaded model) and Session (one inference timeline over it).
 
-Invariant of a Session: `tokens`, the KV cache and `logits` always describe the same prefix
-(the cache holds exactly positions 0..len(tokens)-1 and `logits` is the next-token distribution
+Invariant of a Session: `tokens`, the step state and `logits` always describe the same prefix
+(the state holds exactly positions 0..len(tokens)-1 and `logits` is the next-token distribution
 after them), or the session is marked invalid and the next `sync` rebuilds. State changes are
 committed only after a step has been fully evaluated, so an exception or Ctrl+C in the middle of
 a step leaves the previous consistent state in place.
 
-Snapshots are cheap: the cache is an immutable value (see cache.py), so a snapshot holds
-references. The session remembers the snapshots it handed out (the most recent few) so that
-`rewind` and `sync` can return to a real earlier state instead of truncating a stale cache.
+Snapshots are cheap: a state's per-layer arrays are immutable values (a snapshot holds
+references) and the compressed rows live in the session's append-only row store, shared by every
+state (see state.py). A snapshot whose rows were overwritten since (a rewind and a different
+continuation) no longer serves: restoring it rebuilds its tokens instead, never silently uses
+wrong rows. The session remembers the snapshots it handed out (the most recent few) so that
+`rewind` and `sync` can return to a real earlier state instead of recomputing.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import mlx.core as mx
 import numpy as np
 
 from ds4.atomic import atomic_write
-from ds4.attention import Numerics
-from ds4.cache import CompressorState, LayerCache, ModelCache
 from ds4.errors import Ds4Error
 from ds4.loader import ModelFile, open_model, open_mtp
-from ds4.mtp import same_position_pairing
+from ds4.model import MAX_VERIFY_ROWS, StepOut
+from ds4.mtp import MTPState
+from ds4.numerics import NEG_INF, Numerics
+from ds4.state import Frontier, LayerState, StepState, frontier_rows
 
 DEFAULT_CTX = 32768
 MAX_CHECKPOINTS = 4
+SAVE_MAGIC = b"DS4SESS\0"
+SAVE_VERSION = 1
+PAYLOAD_MAGIC = 0x34565344  # "DSV4"
 
 
 class SessionError(Ds4Error):
@@ -60,12 +67,12 @@ class Engine:
 
     @property
     def row_invariant(self) -> bool:
-        """Whether an M-row pass computes every row exactly as a 1-row decode does, so a batched
-        verify is bit-identical to plain decode. True on the CPU with MLX's bundled BLAS (proven
-        by the decode-vs-prefill tests); other BLAS libraries and the GPU kernels reorder sums."""
-        import ds4
-
-        return mx.default_device() == mx.cpu and ds4.BLAS is None
+        """Whether a verify pass computes every row exactly as a 1-row decode step does, so a
+        batched verify is bit-identical to plain decode. The decode and verify widths are traced
+        with every per-token product of its own shape (`kernels.row_invariant`), which makes
+        them so on the CPU with any BLAS (proven by the verify-vs-decode tests); GPU kernels
+        pick other reductions for other batch sizes until proven otherwise."""
+        return mx.default_device() == mx.cpu
 
     def fingerprint(self) -> bytes:
         """sha256 over the model's header (metadata, tensor names, types, shapes, offsets) and
@@ -81,15 +88,16 @@ class Snapshot:
     """A session state. Every field is immutable, so holding one costs only references."""
 
     tokens: tuple[int, ...]
-    cache: ModelCache
+    state: StepState
     logits: mx.array | None  # next-token logits [V]; None: the state is invalid
     hidden: mx.array | None  # trunk's final HC state [M, E] at the last position
-    mtp_cache: ModelCache | None = None  # MTP rows for positions up to len(tokens) - 2
-    mtp_hidden: mx.array | None = None  # MTP output HC of the last row (same-position pairing only)
+    mtp: MTPState | None = None  # the MTP block's rows (when the session keeps them)
+    argmax: int | None = None  # greedy next token, when the logits are all finite
+    finite: bool = True
 
     def arrays(self) -> list[mx.array]:
-        out = self.cache.arrays() + [a for a in (self.logits, self.hidden, self.mtp_hidden) if a is not None]
-        return out + (self.mtp_cache.arrays() if self.mtp_cache is not None else [])
+        out = self.state.arrays() + [a for a in (self.logits, self.hidden) if a is not None]
+        return out + (self.mtp.arrays() if self.mtp is not None else [])
 
 
 @dataclass(frozen=True)
@@ -99,21 +107,19 @@ class Verified:
     tokens: tuple[int, ...]
     argmax: list[int]  # greedy token after each row
     finite: list[bool]  # whether each row's logits are all finite
-    logits: mx.array  # [T, V]
-    cache: ModelCache
-    hidden: mx.array  # [T, M, E]
-    before: ModelCache  # the cache the rows were run on
-    chunks: list  # per-layer ChunkRows: the cache after any first n rows
+    out: StepOut
+    before: Snapshot  # the state the rows were run on
+
 
 class Session:
-    """One timeline: tokens, KV cache, logits of the next token.
+    """One timeline: tokens, step state, logits of the next token.
 
     Args:
         engine: the loaded model.
-        ctx: context size in tokens (the cache capacity).
+        ctx: context size in tokens (the state's capacity).
         prefill_chunk: tokens per prefill step; chunks are aligned to absolute multiples of it.
         progress: called as progress(done, total) after each prefill chunk.
-        use_mtp: keep the MTP head's cache in step with the trunk (default: when the engine has
+        use_mtp: keep the MTP head's rows in step with the trunk (default: when the engine has
             one). Off for sampled generation, where drafts would go unused.
     """
 
@@ -129,6 +135,8 @@ class Session:
             raise SessionError(f"prefill chunk {prefill_chunk} is invalid, expected at least 1")
         self.progress = progress
         self.use_mtp = engine.mtp is not None if use_mtp is None else use_mtp and engine.mtp is not None
+        self._empty = engine.model.empty_state(ctx, max(self.prefill_chunk, MAX_VERIFY_ROWS))
+        self.store = self._empty.store
         self._checkpoints: list[Snapshot] = []
         self.invalidate()
 
@@ -158,23 +166,17 @@ class Session:
         return self._state.hidden
 
     @property
-    def mtp_cache(self) -> ModelCache | None:
-        return self._state.mtp_cache
+    def mtp(self) -> MTPState | None:
+        return self._state.mtp
 
     @property
-    def mtp_hidden(self) -> mx.array | None:
-        """The MTP block's output HC state of its last row (same-position pairing only)."""
-        return self._state.mtp_hidden
-
-    def _set(self, state: Snapshot) -> None:
-        """Evaluate a new state, then make it current: an interruption leaves the old one."""
-        mx.eval(*state.arrays())
-        self._state = state
+    def state(self) -> StepState:
+        return self._state.state
 
     def invalidate(self) -> None:
-        """Forget everything; the next sync prefills from scratch."""
-        mtp = self.engine.mtp.empty_cache(self.ctx) if self.use_mtp else None
-        self._state = Snapshot((), ModelCache.empty(self.config, self.ctx), None, None, mtp)
+        """Forget the live state; the next sync prefills (remembered snapshots stay usable)."""
+        mtp = MTPState.empty(self.engine.mtp, self.ctx) if self.use_mtp else None
+        self._state = Snapshot((), self._empty, None, None, mtp)
 
     def _require_logits(self) -> None:
         if not self.valid:
@@ -182,28 +184,36 @@ class Session:
 
     # -- stepping ---------------------------------------------------------------------------------
 
-    def _advanced(self, tokens: tuple[int, ...], logits: mx.array, cache: ModelCache, X: mx.array) -> Snapshot:
-        """The state after committing `tokens` whose forward gave (last logits, cache, HC rows X).
+    def _commit(self, snap: Snapshot, out: StepOut, row: int | None, p0: int | None, tokens) -> None:
+        """Evaluate a new state (one graph), record its rows in the store, then make it current:
+        an interruption leaves the old one. `row` picks the logits row the snapshot keeps."""
+        try:
+            mx.eval(*snap.arrays(), out.argmax, out.finite, *self.store.arrays())
+        except Exception:
+            # A failed evaluation may have half-written the shared rows: nothing that reads
+            # them can be trusted. Start over (remembered snapshots stop serving).
+            self.store.reset()
+            self._checkpoints.clear()
+            self.invalidate()
+            raise
+        if p0 is not None:
+            self.store.record(p0, tokens)
+        finite = bool(out.finite.tolist()[row])
+        argmax = int(out.argmax.tolist()[row]) if finite else None
+        self._state = Snapshot(snap.tokens, snap.state, snap.logits, snap.hidden, snap.mtp, argmax, finite)
 
-        The MTP cache gets the rows that became complete: position q pairs h_q with token q+1,
-        so the new rows run from the old last position to the new second-to-last. (With the
-        same-position diagnostic pairing, row q pairs h_q with token q: every new row.)"""
+    def _advanced(self, tokens: tuple[int, ...], out: StepOut, row: int, state: StepState, hidden: mx.array) -> Snapshot:
+        """The snapshot after committing `tokens` whose step gave `out` (logits row `row`), with
+        the trunk state `state` and HC rows `hidden` [n, M, E]; the MTP rows follow (lazily)."""
         old = self._state
-        mtp_cache, mtp_hidden = old.mtp_cache, None
-        if mtp_cache is not None and same_position_pairing():
-            _, mtp_cache, M = self.engine.mtp.forward(X, tokens, mtp_cache, head=False)
-            mtp_hidden = M[-1]
-        elif mtp_cache is not None:
-            hidden = X[:-1] if old.hidden is None else mx.concatenate([old.hidden[None], X[:-1]])
-            paired = tokens if old.hidden is not None else tokens[1:]
-            if paired:
-                _, mtp_cache, _ = self.engine.mtp.forward(hidden, paired, mtp_cache, head=False)
-        return Snapshot(old.tokens + tokens, cache, logits, X[-1], mtp_cache, mtp_hidden)
+        mtp = old.mtp.advanced(self.engine.mtp, old.hidden, hidden, tokens) if old.mtp is not None else None
+        return Snapshot(old.tokens + tokens, state, out.logits[row], hidden[-1], mtp)
 
     def _run(self, tokens: list[int]) -> None:
-        """Feed tokens after the current state in one forward and commit the result."""
-        logits, cache, X = self.engine.model.forward(tokens, self._state.cache)
-        self._set(self._advanced(tuple(tokens), logits[-1], cache, X))
+        """Feed tokens after the current state in one step and commit the result."""
+        p0 = self.pos
+        out = self.engine.model.step(tokens, self._state.state)
+        self._commit(self._advanced(tuple(tokens), out, -1, out.state, out.hidden), out, -1, p0, tokens)
 
     def eval(self, token: int) -> None:
         """Decode one token at the next position."""
@@ -218,37 +228,46 @@ class Session:
         self._require_logits()
         if self.pos + len(rows) >= self.ctx:
             raise SessionError(f"{len(rows)} rows do not fit the context left ({self.ctx - self.pos - 1})")
-        before = self._state.cache
-        logits, cache, X, chunks = self.engine.model.run(rows, before, all_logits=True)
-        finite = mx.all(mx.isfinite(logits), axis=-1)
-        top = mx.argmax(logits, axis=-1)
-        mx.eval(top, finite, logits, X, *cache.arrays())
-        return Verified(tuple(rows), top.tolist(), finite.tolist(), logits, cache, X, before, chunks)
+        if len(rows) > MAX_VERIFY_ROWS:
+            raise SessionError(f"{len(rows)} verify rows, expected at most {MAX_VERIFY_ROWS}")
+        before, p0 = self._state, self.pos
+        out = self.engine.model.step(rows, before.state, all_logits=True)
+        try:
+            mx.eval(*out.arrays())
+        except Exception:
+            self.store.reset()
+            self._checkpoints.clear()
+            self.invalidate()
+            raise
+        self.store.record(p0, rows)
+        return Verified(tuple(int(t) for t in rows), out.argmax.tolist(), out.finite.tolist(), out, before)
 
     def accept(self, v: Verified, n: int) -> None:
-        """Commit the first n rows of a verified pass: its logits and hidden rows, and the cache
+        """Commit the first n rows of a verified pass: its logits and hidden rows, and the state
         after n rows (the pass's own for all rows; for fewer, built from the rows it kept, with
         no second pass)."""
         if n <= 0:
             return
-        if v.before is not self._state.cache:
+        if v.before is not self._state:
             raise SessionError("the verified rows were run on another state")
-        cache = v.cache if n == len(v.tokens) else self.engine.model.cache_after(v.before, v.chunks, n)
-        self._set(self._advanced(v.tokens[:n], v.logits[n - 1], cache, v.hidden[:n]))
+        model = self.engine.model
+        state = v.out.state if n == len(v.tokens) else model.state_after(v.before.state, v.out.chunks, n)
+        self._commit(self._advanced(v.tokens[:n], v.out, n - 1, state, v.out.hidden[:n]), v.out, n - 1, None, ())
 
     def sync(self, tokens) -> None:
         """Bring the state to exactly `tokens`: reuse the live prefix (or the longest remembered
-        snapshot that is a prefix), extend it with chunked prefill, or rebuild from scratch."""
+        snapshot that is a prefix and still serves), extend it with chunked prefill, or rebuild
+        from scratch."""
         tokens = tuple(int(t) for t in tokens)
         if not tokens:
             raise SessionError("cannot sync an empty prompt")
         if len(tokens) >= self.ctx:
             raise SessionError(f"prompt of {len(tokens)} tokens exceeds the context of {self.ctx} tokens")
-        if not (self.valid and tokens[:self.pos] == self._state.tokens):
-            best = max((s for s in self._checkpoints if tokens[:len(s.tokens)] == s.tokens),
+        if not (self.valid and tokens[:self.pos] == self._state.tokens and self.store.serves(self._state.tokens)):
+            best = max((s for s in self._checkpoints if tokens[:len(s.tokens)] == s.tokens and self.store.serves(s.tokens)),
                        key=lambda s: len(s.tokens), default=None)
             if best is not None:
-                self.restore(best)
+                self._state = best
             else:
                 self.invalidate()
         start, total = self.pos, len(tokens)
@@ -270,30 +289,38 @@ class Session:
             self._checkpoints.append(snap)
         return snap
 
-    def restore(self, snap: Snapshot) -> None:
+    def restore(self, snap: Snapshot) -> bool:
+        """Return to a snapshot of this session. Returns True when its state was reused as it
+        is; False when its rows had been overwritten since and its tokens were rebuilt (the
+        result is the same state, computed again)."""
         if snap.logits is None:
             self.invalidate()
-            return
-        if snap.cache.ctx != self.ctx:
-            raise SessionError(f"snapshot was taken with ctx {snap.cache.ctx}, this session has {self.ctx}")
-        if (snap.mtp_cache is not None) != self.use_mtp:
+            return True
+        if snap.state.store is not self.store:
+            raise SessionError("the snapshot belongs to another session")
+        if (snap.mtp is not None) != self.use_mtp:
             raise SessionError("snapshot was taken with the MTP head " + ("off" if self.use_mtp else "on"))
-        self._state = snap
+        if self.store.serves(snap.tokens):
+            self._state = snap
+            return True
+        self.invalidate()
+        self.sync(snap.tokens)
+        return False
 
     def rewind(self, n: int) -> bool:
         """Drop the last n tokens by restoring a remembered snapshot of exactly that prefix.
 
         Returns True when a real earlier state was restored; otherwise the session is
         invalidated (the next sync rebuilds) and False is returned. Never truncates tokens
-        over a cache that still holds them."""
+        over a state that still holds them."""
         if n < 0 or n > self.pos:
             raise SessionError(f"cannot rewind {n} tokens of {self.pos}")
         if n == 0:
             return self.valid
         target = self._state.tokens[:self.pos - n]
         for s in reversed(self._checkpoints):
-            if s.tokens == target:
-                self.restore(s)
+            if s.tokens == target and self.store.serves(s.tokens):
+                self._state = s
                 return True
         self.invalidate()
         return False
@@ -304,12 +331,12 @@ class Session:
         """Greedy next token: the lowest id among the maxima, optionally never `exclude` (the
         benchmark skips EOS). Non-finite logits are an error, never a silent token 0 (#750)."""
         self._require_logits()
-        logits = self._state.logits
-        if not bool(mx.all(mx.isfinite(logits))):
+        if not self._state.finite:
             raise SessionError("non-finite logits")
-        if exclude is not None:
-            logits = mx.where(mx.arange(logits.shape[0]) == exclude, float("-inf"), logits)
-        return int(mx.argmax(logits))
+        if exclude is None or exclude != self._state.argmax:
+            return self._state.argmax
+        logits = self._state.logits
+        return int(mx.argmax(mx.where(mx.arange(logits.shape[0]) == exclude, NEG_INF, logits)))
 
     def top_logprobs(self, k: int) -> list[tuple[int, float, float]]:
         """The k most likely next tokens as (id, logit, logprob), descending (log-softmax in float64)."""
@@ -365,7 +392,7 @@ class Session:
     def _payload(self) -> bytes:
         c, n = self.config, self.pos
         raw_live = min(n, c.n_swa)
-        layers = self._state.cache.layers
+        state = self._state.state
         n_comp = [n // c.ratio(il) if c.ratio(il) else 0 for il in range(c.n_layer)]
         n_index = [n_comp[il] if c.ratio(il) == 4 else 0 for il in range(c.n_layer)]
         parts = [struct.pack("<13I", PAYLOAD_MAGIC, 1, self.ctx, self.prefill_chunk,
@@ -375,11 +402,13 @@ class Session:
                  np.asarray(self._state.logits, np.float32).tobytes(),
                  np.asarray(n_comp, np.uint32).tobytes(), np.asarray(n_index, np.uint32).tobytes()]
         arrays = []
-        for il, lc in enumerate(layers):
-            arrays.append(lc.raw[c.n_swa - raw_live:])
-            for state, count in ((lc.comp, n_comp[il]), (lc.index, n_index[il])):
-                if state is not None:
-                    arrays += [state.rows[:count], state.kv, state.score]
+        for il, ls in enumerate(state.layers):
+            arrays.append(ls.raw[c.n_swa - raw_live:])
+            r = c.ratio(il)
+            for frontier, store, count in ((ls.comp, self.store.comp[il], n_comp[il]),
+                                           (ls.index, self.store.index[il], n_index[il])):
+                if frontier is not None:
+                    arrays += [store[:count], *_frontier_to_payload(frontier, n, r)]
         parts += [np.asarray(a, np.float32).tobytes() for a in arrays]
         return b"".join(parts)
 
@@ -413,36 +442,64 @@ class Session:
         tokens = take(n, np.uint32)
         logits = take(c.n_vocab, np.float32)
         n_comp, n_index = take(c.n_layer, np.uint32), take(c.n_layer, np.uint32)
-        empty = ModelCache.empty(c, self.ctx)
-        layers = []
-        for il, lc in enumerate(empty.layers):
-            rows = take(raw_live * c.head_dim, np.float32, (raw_live, c.head_dim))
-            raw = mx.concatenate([lc.raw[:c.n_swa - raw_live], mx.array(rows)], axis=0)
-            states = []
-            for state, count, width in ((lc.comp, n_comp[il], c.head_dim), (lc.index, n_index[il], c.indexer_head_dim)):
-                if state is None:
-                    states.append(None)
+        layers, rows = [], {}
+        for il, ls in enumerate(self._empty.layers):
+            raw = take(raw_live * c.head_dim, np.float32, (raw_live, c.head_dim))
+            raw = mx.concatenate([ls.raw[:c.n_swa - raw_live], mx.array(raw)], axis=0)
+            fronts = []
+            r = c.ratio(il)
+            for key, frontier, count, width in (("comp", ls.comp, n_comp[il], c.head_dim),
+                                                ("index", ls.index, n_index[il], c.indexer_head_dim)):
+                if frontier is None:
+                    fronts.append(None)
                     continue
-                r = c.ratio(il)
                 if count != n // r:
                     raise SessionError(f"{path}: layer {il} has {count} compressed rows, expected {n // r}")
-                got = take(int(count) * width, np.float32, (int(count), width))
-                kv = take(state.kv.size, np.float32, state.kv.shape)
-                score = take(state.score.size, np.float32, state.score.shape)
-                rows_all = mx.slice_update(state.rows, mx.array(got), mx.array([0]), axes=(0,)) if count else state.rows
-                states.append(CompressorState(rows_all, mx.array(kv), mx.array(score)))
-            layers.append(LayerCache(raw, *states))
+                rows[key, il] = take(int(count) * width, np.float32, (int(count), width))
+                shape = (frontier_rows(r), frontier.kv.shape[1])
+                kv, score = take(int(np.prod(shape)), np.float32, shape), take(int(np.prod(shape)), np.float32, shape)
+                fronts.append(_frontier_from_payload(kv, score, int(n), r))
+            layers.append(LayerState(raw, *fronts))
         if pos != len(buf):
             raise SessionError(f"{path}: saved session has {len(buf) - pos} trailing bytes")
-        cache = ModelCache(int(n), self.ctx, tuple(layers))
+        # Everything checked: write the rows into the store, then take the state.
+        comp, index = self.store.take(0)
+        for (key, il), got in rows.items():
+            target = comp if key == "comp" else index
+            if len(got):
+                target[il] = mx.slice_update(target[il], mx.array(got), mx.array([0]), axes=(0,))
+        self.store.put(comp, index)
+        del comp, index, target
+        tokens = tuple(int(t) for t in tokens)
+        state = StepState(int(n), self.ctx, tuple(layers), self.store)
         # The trunk's HC state is not part of the payload (as in ds4): MTP rows restart after it.
-        mtp = self.engine.mtp.empty_cache(self.ctx, start=int(n)) if self.use_mtp else None
-        self._set(Snapshot(tuple(int(t) for t in tokens), cache, mx.array(logits), None, mtp))
+        mtp = MTPState.empty(self.engine.mtp, self.ctx, start=int(n)) if self.use_mtp else None
+        snap = Snapshot(tokens, state, mx.array(logits), None, mtp)
+        finite = mx.all(mx.isfinite(snap.logits))
+        top = mx.argmax(snap.logits)
+        mx.eval(*snap.arrays(), *self.store.arrays(), finite, top)
+        self.store.record(0, tokens)
+        self._state = Snapshot(tokens, state, snap.logits, None, mtp, int(top) if bool(finite) else None, bool(finite))
 
 
-SAVE_MAGIC = b"DS4SESS\0"
-SAVE_VERSION = 1
-PAYLOAD_MAGIC = 0x34565344  # "DSV4"
+def _frontier_to_payload(f: Frontier, n: int, ratio: int) -> tuple[mx.array, mx.array]:
+    """A frontier (positions n-R..n-1) in ds4's layout: ratio 4 rows 0-3 the previous window,
+    4-7 the current one; ratio 128 row j the current window's position 128w + j; unfilled rows
+    (positions >= n or < 0) kv 0, score -inf."""
+    R = frontier_rows(ratio)
+    start = ratio - n % ratio  # our index of the first position the payload holds
+    empty = Frontier.empty(ratio, f.kv.shape[1])
+    return (mx.concatenate([f.kv, empty.kv])[start:start + R],
+            mx.concatenate([f.score, empty.score])[start:start + R])
+
+
+def _frontier_from_payload(kv: np.ndarray, score: np.ndarray, n: int, ratio: int) -> Frontier:
+    """The inverse of `_frontier_to_payload` (positions the payload lacks come back unfilled)."""
+    R = frontier_rows(ratio)
+    empty = Frontier.empty(ratio, kv.shape[1])
+    f = n % ratio
+    return Frontier(mx.concatenate([empty.kv, mx.array(kv)])[f:f + R],
+                    mx.concatenate([empty.score, mx.array(score)])[f:f + R])
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ logits carried forward. It uses the batched pass where the backend computes ever
 decode does (Engine.row_invariant), otherwise it verifies row by row with plain decode steps.
 `fast` always uses the batched pass (near-greedy where rows are not computed identically).
 
-Invariant: on return, the session's tokens, caches (MTP included) and logits describe exactly the
-committed tokens; rejected rows leave nothing behind (caches are immutable values, see cache.py).
+Invariant: on return, the session's tokens, states (MTP included) and logits describe exactly the
+committed tokens; rejected rows leave nothing behind (states are values and rows a rejected pass
+wrote are beyond the committed position, see state.py).
 """
 
 from __future__ import annotations
@@ -81,19 +82,19 @@ def mtp_drafts(session: Session, first: int, n: int, margin: float,
                eos_id: int) -> tuple[list[int], list[float], tuple[int, int, float] | None]:
     """Up to n MTP drafts for the tokens after `first`, their top1-top2 margins, and the first
     draft step's (top, runner-up, margin) whether or not it passed the gate."""
-    mtp, cache, hidden = session.engine.mtp, session.mtp_cache, session.hidden
-    if same_position_pairing():
-        # Diagnostic: the reference engine's pairing. Row pos-1 (h, token pos-1) is cached; the
-        # first draft chains from its MTP output state with `first` at position pos.
-        hidden, ready = session.mtp_hidden, cache is not None and cache.pos == session.pos
-    else:
-        ready = cache is not None and cache.pos == session.pos - 1
-    if mtp is None or hidden is None or not ready:
+    mtp, state = session.engine.mtp, session.mtp
+    if mtp is None or state is None or not state.ready(session.pos):
         return [], [], None
+    # Diagnostic same-position pairing: row pos-1 (h, token pos-1) is in the block; the first
+    # draft chains from its MTP output state with `first` at position pos.
+    hidden = state.hidden if same_position_pairing() else session.hidden
+    if hidden is None:
+        return [], [], None
+    block = state.block
     drafts, margins, head = [], [], None
     state, token = hidden[None], first
     for _ in range(n):
-        logits, cache, X = mtp.forward(state, [token], cache)
+        logits, block, X = mtp.forward(state, [token], block)
         order = mx.argsort(-logits)[:2]
         top2 = logits[order]
         mx.eval(order, top2)

@@ -39,8 +39,7 @@ from tqdm import tqdm
 
 from ds4 import codecs
 from ds4.atomic import atomic_write
-from ds4.attention import Numerics
-from ds4.cache import ModelCache
+from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM
 from ds4.config import ModelConfig
 from ds4.errors import Ds4Error
@@ -175,8 +174,8 @@ def trunk_and_mtp_logits(model: Model, mtp: MTPHead, tokens) -> tuple[mx.array, 
     and predicts token q+2)."""
     tokens = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, np.int32))
     T = len(tokens)
-    logits, _, X = model.forward(tokens, ModelCache.empty(model.config, T), all_logits=True)
-    _, _, Y = mtp.forward(X[:-1], tokens[1:], mtp.empty_cache(T), head=False)
+    logits, _, X = model.forward(tokens, model.empty_state(T, T), all_logits=True)
+    _, _, Y = mtp.forward(X[:-1], tokens[1:], mtp.empty_state(T), head=False, compiled=False)
     return logits, mtp.logits(Y)
 
 

@@ -27,7 +27,6 @@ def measure(args) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from ds4.cache import ModelCache
     from ds4.session import Engine
 
     if args.backend != "cpu":
@@ -39,31 +38,32 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, c.n_vocab, args.prefill).tolist()
 
-    def run(tokens, cache):
-        logits, cache, _ = model.forward(tokens, cache, all_logits=len(tokens) <= 16)
-        mx.eval(logits, *cache.arrays())
-        return cache
+    def run(tokens, state):
+        out = model.step(tokens, state, all_logits=len(tokens) <= 16)
+        mx.eval(out.arrays())
+        state.store.record(state.pos, tokens)
+        return out.state
 
     # Prefill, chunked as a session would.
-    run(prompt[:args.chunk], ModelCache.empty(c, args.ctx))  # warm-up
+    run(prompt[:args.chunk], model.empty_state(args.ctx, args.chunk))  # warm-up (traces the chunk shape)
     t0 = time.perf_counter()
-    cache = ModelCache.empty(c, args.ctx)
+    state = model.empty_state(args.ctx, args.chunk)
     for i in range(0, len(prompt), args.chunk):
-        cache = run(prompt[i:i + args.chunk], cache)
+        state = run(prompt[i:i + args.chunk], state)
     prefill_s = time.perf_counter() - t0
 
     def step_time(m: int, layers=None) -> float:
-        saved = model.layers
+        saved = model.layers, model.kinds, model._compiled
         if layers is not None:
-            model.layers = saved[:layers]
+            model.layers, model.kinds, model._compiled = saved[0][:layers], saved[1][:layers], {}
         try:
-            run(prompt[:m], cache)
+            run(prompt[:m], state)
             t = time.perf_counter()
             for k in range(args.steps):
-                run(prompt[k:k + m], cache)  # each step from the same prefix state
+                run(prompt[k:k + m], state)  # each step from the same prefix state
             return (time.perf_counter() - t) / args.steps
         finally:
-            model.layers = saved
+            model.layers, model.kinds, model._compiled = saved
 
     decode = step_time(1)
     head_only = step_time(1, layers=0)

@@ -56,12 +56,12 @@ def main() -> None:
         return (time.perf_counter() - t) / args.steps * 1e3
 
     def plain():
-        logits, cache, _ = engine.model.forward([first], s._state.cache)
-        mx.eval(logits, *cache.arrays())
+        out = engine.model.step([first], s.state)
+        mx.eval(out.arrays())
 
     def draft():
-        logits, cache, _ = engine.mtp.forward(s.hidden[None], [first], s.mtp_cache)
-        mx.eval(mx.argmax(logits), *cache.arrays())
+        logits, block, _ = engine.mtp.forward(s.hidden[None], [first], s.mtp.block)
+        mx.eval(mx.argmax(logits), *block.arrays())
 
     print(f"model {os.path.basename(args.model)}, device {mx.default_device()}, blas {ds4.BLAS or 'bundled'}")
     t_plain = timed(plain)

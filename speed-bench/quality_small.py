@@ -48,7 +48,7 @@ def main() -> None:
     import numpy as np
 
     from ds4 import train
-    from ds4.attention import Numerics
+    from ds4.numerics import Numerics
     from ds4.generate import generate, generate_speculative
     from ds4.loader import EMBEDDED_MODEL, EMBEDDED_MTP, open_model, open_mtp
     from ds4.model import Model

@@ -60,7 +60,7 @@ def compare(session, name, label, ids, ref, limit):
 # prefill and decode paths differ by up to 0.077 over the same top-20s.
 @pytest.mark.parametrize("act_quant, limit", [(False, 0.35), (True, 0.2)])
 def test_logits_match_the_c_engine(slice_path, act_quant, limit):
-    from ds4.attention import Numerics
+    from ds4.numerics import Numerics
     from ds4.session import Engine, Session
 
     results = json.loads((ORACLE / "results.json").read_text())["prompts"]

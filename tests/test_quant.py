@@ -178,10 +178,38 @@ def test_expert_dequantize_is_exact(qtype):
     assert np.array_equal(got, codecs.dequantize(data[[3, 1]], qtype))
 
 
-def test_no_fused_kernels_off_metal():
-    if mx.metal.is_available():
-        pytest.skip("Metal is available here; the Metal kernel test covers the fused path")
-    assert all(quant._fused_matmul(kind) is None for kind in ("IQ2_XXS", "Q2_K", "Q4_K"))
+def test_kernel_table_falls_back_to_the_reference(monkeypatch):
+    """Every op the weights call has a reference entry; a device without a fast entry gets the
+    reference, and DS4_KERNELS=reference forces it everywhere."""
+    from ds4 import kernels
+
+    for qt in quant.SUPPORTED:
+        for op in ("matmul", "grouped_matmul", "gather_matmul"):
+            assert kernels.lookup(op, qt.name, "cpu") is kernels.reference(op, qt.name)
+    metal = kernels.lookup("dequant", "IQ2_XXS", "metal")
+    assert metal is quant.metal_dequant_iq2_xxs
+    assert kernels.lookup("dequant", "IQ2_XXS", "cpu") is kernels.reference("dequant", "IQ2_XXS")
+    monkeypatch.setenv("DS4_KERNELS", "reference")
+    assert kernels.lookup("dequant", "IQ2_XXS", "metal") is kernels.reference("dequant", "IQ2_XXS")
+    assert ("dequant", "IQ2_XXS", "metal") in kernels.table()
+    assert ("matmul", "Q8_0", "reference") in kernels.table()
+    with pytest.raises(KeyError):
+        kernels.register("no-such-op", None, "cpu", lambda: None)
+
+
+@pytest.mark.parametrize("M, n_expert", [(1, 16), (3, 16), (2, 64), (17, 256)])
+def test_unique_experts_on_the_device(M, n_expert):
+    """The experts a multi-row call decodes: each chosen id once (within a shape-fixed count,
+    computed without leaving the device), and slots that map every (row, choice) back."""
+    rng = np.random.default_rng(M)
+    ids = np.stack([rng.choice(min(n_expert, 12), 6, replace=False) for _ in range(M)]).astype(np.int32)
+    experts, slots = quant.unique_experts(mx.array(ids), n_expert)
+    experts, slots = np.array(experts), np.array(slots)
+    assert len(experts) == min(M * 6, n_expert)
+    np.testing.assert_array_equal(experts[slots], ids)
+    if M > 1 and M * 6 < n_expert:
+        used = experts[np.unique(slots)]
+        assert sorted(used.tolist()) == sorted(set(ids.ravel().tolist()))  # each chosen expert once
 
 
 @pytest.mark.skipif(not mx.metal.is_available(), reason="needs Metal: the kernel runs only through mx.fast.metal_kernel")

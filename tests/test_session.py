@@ -123,6 +123,31 @@ def test_rewind_restores_or_invalidates(engine):
         s.argmax()
 
 
+def test_snapshot_with_overwritten_rows_is_rebuilt_not_used(engine):
+    """Compressed rows live in the session's store, shared by its states. After a return to an
+    earlier state and a different continuation rewrote the rows a later snapshot reads,
+    restoring that snapshot is detected and rebuilds its tokens: never silently wrong rows."""
+    s = Session(engine, CTX, 16)
+    a = [0] + list(range(100, 140))  # 41 tokens: ratio-4 rows 0..9
+    s.sync(a[:20])
+    early = s.snapshot()
+    s.sync(a)
+    late = s.snapshot()
+    late_rows = np.array(s.store.comp[2][5:10])
+    assert s.restore(early)  # its rows (windows 0..4) were never touched: reused as is
+    s.sync(a[:20] + list(range(500, 521)))  # rewrites the rows of windows 5 on
+    assert not np.array_equal(late_rows, np.array(s.store.comp[2][5:10]))
+    assert not s.store.serves(late.tokens) and s.store.serves(early.tokens)
+    assert s.restore(late) is False  # detected: rebuilt from `early`, the best state that serves
+    assert s.tokens == a
+    np.testing.assert_array_equal(np.array(s.logits), np.array(late.logits))
+    np.testing.assert_array_equal(late_rows, np.array(s.store.comp[2][5:10]))
+    assert s.restore(early) and s.tokens == a[:20]
+    other = Session(engine, CTX, 16)
+    with pytest.raises(SessionError, match="another session"):
+        other.restore(late)
+
+
 def test_context_limits(engine):
     s = Session(engine, 32, 8)
     with pytest.raises(SessionError, match="prompt of 32 tokens exceeds the context of 32"):
@@ -145,6 +170,9 @@ def test_save_load_round_trip_and_refusals(engine, tmp_path, tiny_vocab):
     t.load(path)
     assert t.tokens == s.tokens
     close(t.logits, s.logits)
+    again = str(tmp_path / "again.ds4")
+    t.save(again)  # the loaded state saves to the same bytes (frontiers converted both ways)
+    assert open(again, "rb").read() == open(path, "rb").read()
     s.eval(7)
     t.eval(7)
     close(t.logits, s.logits)
@@ -195,10 +223,14 @@ def test_sampling(engine):
     assert set(nucleus) <= set(keep.tolist())
 
 
-def test_non_finite_logits_are_an_error_not_token_0(engine):
+def test_non_finite_logits_are_an_error_not_token_0(tiny_paths):
+    """A step whose logits are not all finite (here: a NaN final norm weight) commits them, but
+    the greedy token is an error, never a silent token 0 (#750)."""
+    engine = Engine(str(tiny_paths[0]))
+    engine.model.output_norm = mx.full(engine.model.output_norm.shape, float("nan"))
     s = Session(engine, CTX, 32)
     s.sync([0, 1, 2])
-    s._state = dataclasses.replace(s._state, logits=mx.array(np.full(engine.config.n_vocab, np.nan, np.float32)))
+    assert not bool(mx.all(mx.isfinite(s.logits)))
     with pytest.raises(SessionError, match="non-finite"):
         s.argmax()
 

@@ -78,8 +78,8 @@ def test_exact_stream_equals_plain_greedy(engine, prompt, greedy, draft, errors)
     fresh = Session(engine, CTX)
     fresh.sync(s.tokens)
     np.testing.assert_array_equal(np.array(s.logits), np.array(fresh.logits))
-    assert s.mtp_cache.pos == fresh.mtp_cache.pos == s.pos - 1
-    for a, b in zip(s.mtp_cache.arrays(), fresh.mtp_cache.arrays()):
+    assert s.mtp.block.pos == fresh.mtp.block.pos == s.pos - 1
+    for a, b in zip(s.mtp.arrays(), fresh.mtp.arrays()):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
@@ -116,9 +116,8 @@ def test_eos_from_the_trunk_stops_without_evaluating(engine, prompt, greedy):
     eos = engine.tokenizer.eos_id
     s = Session(engine, CTX)
     s.sync(prompt)
-    s._state = s._state.__class__(s._state.tokens, s._state.cache,
-                                  mx.where(mx.arange(s.logits.shape[0]) == eos, 100.0, s.logits), s._state.hidden,
-                                  s._state.mtp_cache)
+    s._state = dataclasses.replace(s._state, logits=mx.where(mx.arange(s.logits.shape[0]) == eos, 100.0, s.logits),
+                                   argmax=eos)
     pos = s.pos
     assert speculative_step(s, SpecOptions(margin=0), 10, eos, SpecStats()) == [eos] and s.pos == pos
 
@@ -167,7 +166,7 @@ def test_mtp_head_matches_float64_reference(tiny_paths):
     ref = ReferenceModel(c, load_reference_weights(mf))
     mtp_weights = load_reference_weights(open_mtp(str(tiny_paths[1]), c))
     head = Engine(str(tiny_paths[0]), mtp_path=str(tiny_paths[1])).mtp
-    cache = head.empty_cache(256)
+    cache = head.empty_state(256)
     rng = np.random.default_rng(0)
     H = rng.standard_normal((45, c.n_hc, c.n_embd))  # past the 32-row window
     tokens = rng.integers(3, c.n_vocab, 45)
@@ -247,7 +246,7 @@ def test_same_position_pairing_diagnostic(engine, prompt, greedy, monkeypatch):
     monkeypatch.setenv("DS4_MTP_PAIRING", "same")
     out, stats, s = run(engine, prompt, SpecOptions(draft=2, margin=0), max_tokens=12)
     assert out == greedy[:12] and stats.cycles > 0
-    assert s.mtp_cache.pos == s.pos  # every committed position has its row
+    assert s.mtp.block.pos == s.pos  # every committed position has its row
 
 
 def test_draft_inputs_always_match_the_committed_tokens(engine, prompt):
@@ -260,8 +259,8 @@ def test_draft_inputs_always_match_the_committed_tokens(engine, prompt):
         fresh = Session(engine, CTX, 8)
         fresh.sync(s.tokens)
         np.testing.assert_array_equal(np.array(s.hidden), np.array(fresh.hidden))
-        assert s.mtp_cache.pos == fresh.mtp_cache.pos == s.pos - 1
-        for a, b in zip(s.mtp_cache.arrays(), fresh.mtp_cache.arrays()):
+        assert s.mtp.block.pos == fresh.mtp.block.pos == s.pos - 1
+        for a, b in zip(s.mtp.arrays(), fresh.mtp.arrays()):
             np.testing.assert_array_equal(np.array(a), np.array(b))
 
     s.sync(prompt[:20])

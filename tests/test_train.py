@@ -10,8 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from ds4 import codecs, synth, train
-from ds4.attention import Numerics
-from ds4.cache import ModelCache
+from ds4.numerics import Numerics
 from ds4.loader import open_model, open_mtp
 from ds4.model import Model
 from ds4.mtp import MTPHead
@@ -159,8 +158,8 @@ def test_export_runs_the_same_model_through_the_gguf_path(tiny, tmp_path):
     qmtp = MTPHead.load(open_mtp(mtp_path, config), qmodel)
     fmodel, fmtp = train.build(arrays, config, Numerics())
     seq = _seq(config, 48, seed=9)
-    a = np.array(fmodel.forward(seq, ModelCache.empty(config, 64), all_logits=True)[0])
-    b = np.array(qmodel.forward(seq, ModelCache.empty(config, 64), all_logits=True)[0])
+    a = np.array(fmodel.forward(seq, fmodel.empty_state(64, 64), all_logits=True)[0])
+    b = np.array(qmodel.forward(seq, qmodel.empty_state(64, 64), all_logits=True)[0])
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.25
     fa, fb = train.evaluate(fmodel, fmtp, seq, seq_len=32, n_windows=2), train.evaluate(qmodel, qmtp, seq, 32, 2)
     assert abs(fa[0] - fb[0]) < 0.1 and abs(fa[1] - fb[1]) < 0.1

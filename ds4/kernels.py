@@ -1,0 +1,105 @@
+"""The kernel seam: one dispatch table from (op, quant type, device) to an implementation, with
+the MLX-op reference of every op beside it.
+
+The forward pass never calls a fused kernel directly: it asks `lookup(op, qtype)` and gets the
+entry registered for the current device ("metal", "cuda" or "cpu"; "any" matches every device),
+or the reference when there is none. `DS4_KERNELS=reference` forces the reference everywhere
+(A/B checks). Every entry is tested against its reference; the reference is what defines the
+result.
+
+Row invariance: a verify pass over M rows must compute each row exactly as a 1-row decode step
+does (the exact speculative verifier relies on it). Optimized BLAS libraries and GPU matmul
+kernels pick a different reduction order for different row counts, so while `row_invariant()`
+is on (the step sets it while tracing decode and verify widths) `matmul_rows` computes each
+leading-axis slice with a product of its own shape, whatever the batch.
+
+Kernel sources ship inside the package (`ds4/kernels_metal/`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+KERNELS_METAL = Path(__file__).resolve().parent / "kernels_metal"
+
+_REFERENCE: dict[tuple[str, str | None], Callable] = {}
+_FAST: dict[tuple[str, str | None, str], Callable] = {}
+_ROW_INVARIANT = contextvars.ContextVar("ds4_row_invariant", default=False)
+
+
+def device_kind() -> str:
+    """The backend the default device runs on: "metal", "cuda" or "cpu"."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda"
+
+
+def reference_only() -> bool:
+    return os.environ.get("DS4_KERNELS", "") == "reference"
+
+
+def register_reference(op: str, fn: Callable, qtype: str | None = None) -> None:
+    """The MLX-op implementation of `op` (for a quant type, where the op depends on one)."""
+    _REFERENCE[(op, qtype)] = fn
+
+
+def register(op: str, qtype: str | None, device: str, fn: Callable) -> None:
+    """A faster implementation of `op` on `device` ("metal", "cuda", "cpu" or "any")."""
+    if (op, qtype) not in _REFERENCE:
+        raise KeyError(f"no reference for {op}/{qtype}: register the reference first")
+    _FAST[(op, qtype, device)] = fn
+
+
+def reference(op: str, qtype: str | None = None) -> Callable:
+    return _REFERENCE[(op, qtype)]
+
+
+def lookup(op: str, qtype: str | None = None, device: str | None = None) -> Callable:
+    """The implementation the forward uses for `op` on `device` (default: the current one)."""
+    if not reference_only():
+        device = device or device_kind()
+        fn = _FAST.get((op, qtype, device)) or _FAST.get((op, qtype, "any"))
+        if fn is not None:
+            return fn
+    return _REFERENCE[(op, qtype)]
+
+
+def table() -> list[tuple[str, str | None, str]]:
+    """Every (op, qtype, device) entry: "reference" rows and the registered fast paths."""
+    rows = [(op, qt, "reference") for op, qt in _REFERENCE]
+    return sorted(rows + list(_FAST), key=lambda r: (r[0], r[1] or "", r[2]))
+
+
+@contextmanager
+def row_invariant(enabled: bool = True):
+    """While active, `matmul_rows` gives every leading-axis slice a product of its own."""
+    token = _ROW_INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        _ROW_INVARIANT.reset(token)
+
+
+def rows_independent() -> bool:
+    return _ROW_INVARIANT.get()
+
+
+def matmul_rows(x: mx.array, w: mx.array) -> mx.array:
+    """x [B, ..., n] @ w [n, m] -> [B, ..., m].
+
+    Under `row_invariant()` each of the B slices is its own product (a batched matmul over a
+    broadcast w, so BLAS and GPU kernels see the same shape whatever B is); otherwise one
+    product over all rows (fastest for prefill chunks)."""
+    if not _ROW_INVARIANT.get() or x.ndim < 2:
+        return x @ w
+    B, n, m = x.shape[0], w.shape[0], w.shape[-1]
+    y = x.reshape(B, -1, n) @ mx.broadcast_to(w, (B, n, m))
+    return y.reshape(*x.shape[:-1], m)
