@@ -31,9 +31,9 @@ import mlx.core as mx
 
 from ds4 import compressor, kernels
 from ds4.config import LayerKind, ModelConfig
-from ds4.numerics import NEG_INF, Numerics, index_qat, kv_row_qat, rms_norm, topk_lowest_index
-from ds4.rope import rope_angles, rope_tail
-from ds4.state import Frontier, LayerState
+from ds4.numerics import NEG_INF, Numerics, index_qat, iota, kv_row_qat, rms_norm, topk_lowest_index
+from ds4.rope import Rotation
+from ds4.state import LayerState
 
 # Bytes one block of queries may spend on [queries, heads, rows] scores or gathered rows; long
 # prefill chunks go through attention in blocks of queries to stay within it.
@@ -49,10 +49,12 @@ class ChunkRows:
     comp: tuple[mx.array, mx.array] | None = None  # attention compressor (kv, score) [T, Wc]
     index: tuple[mx.array, mx.array] | None = None  # indexer compressor (kv, score) [T, Wc]
 
-    def state_after(self, before: LayerState, n: int) -> LayerState:
-        """The layer's state after the chunk's first n tokens (its rows are already stored)."""
+    def state_after(self, before: LayerState, n: int, keys: mx.array | None = None) -> LayerState:
+        """The layer's state after the chunk's first n tokens (its rows are already stored);
+        `keys` may bring the window rows followed by the chunk's, when already built."""
         W = before.raw.shape[0]
-        raw = mx.concatenate([before.raw, self.kv[:n]])[n:n + W]
+        keys = mx.concatenate([before.raw, self.kv[:n]]) if keys is None else keys
+        raw = keys[n:n + W]
         comp = compressor.advance(before.comp, *self.comp, n) if self.comp is not None else None
         index = compressor.advance(before.index, *self.index, n) if self.index is not None else None
         return LayerState(raw, comp, index)
@@ -83,12 +85,12 @@ def attend(q: mx.array, shared: mx.array, shared_mask: mx.array, sinks: mx.array
     return out / denom
 
 
-def _indexer_scores(w, config: ModelConfig, a: mx.array, qn: mx.array, cos: mx.array, sin: mx.array,
+def _indexer_scores(w, config: ModelConfig, a: mx.array, qn: mx.array, rotation: Rotation,
                     numerics: Numerics) -> tuple[mx.array, mx.array]:
     """The lightning indexer's per-token query rows [T, HI, DI] and head weights [T, 1, HI]."""
     T = a.shape[0]
     H, D = config.n_indexer_head, config.indexer_head_dim
-    q = index_qat(rope_tail(w.indexer_attn_q_b(qn).reshape(T, H, D), cos, sin), numerics)
+    q = index_qat(rotation.apply(w.indexer_attn_q_b(qn).reshape(T, H, D)), numerics)
     weights = w.indexer_proj(a) / math.sqrt(D * H)
     return q, weights[:, None, :]
 
@@ -110,16 +112,17 @@ def attention(w, kind: LayerKind, config: ModelConfig, a: mx.array, state: Layer
     LayerState, ChunkRows, updated stores)."""
     T = a.shape[0]
     H, D, W = config.n_head, config.head_dim, config.n_swa
-    positions = p0 + mx.arange(T)
-    cos, sin = rope_angles(config, kind is not LayerKind.SLIDING, positions, n_positions)
+    positions = p0 + iota(T)
+    compressed = kind is not LayerKind.SLIDING
+    rotation = Rotation.at(config, compressed, positions, D, n_positions)
     qn = rms_norm(w.attn_q_a(a), w.attn_q_a_norm, config.rms_eps)
-    q = rope_tail(rms_norm(w.attn_q_b(qn).reshape(T, H, D), None, config.rms_eps), cos, sin)
-    kv = rms_norm(w.attn_kv(a), w.attn_kv_a_norm, config.rms_eps)
-    kv = kv_row_qat(rope_tail(kv, cos, sin), D - config.n_rot, numerics)
+    q = rotation.apply(rms_norm(w.attn_q_b(qn).reshape(T, H, D), None, config.rms_eps))
+    kv = rotation.apply(rms_norm(w.attn_kv(a), w.attn_kv_a_norm, config.rms_eps))
+    kv = kv_row_qat(kv, D - config.n_rot, numerics)
 
     # Raw window: rows of positions p0-W..p0-1, then this chunk's (pushed before attention).
-    keys = mx.concatenate([state.raw, kv])
-    key_pos = p0 - W + mx.arange(W + T)
+    window = mx.concatenate([state.raw, kv])
+    key_pos = p0 - W + iota(W + T)
     p = positions[:, None]
     window_mask = (key_pos[None] <= p) & (key_pos[None] > p - W) & (key_pos[None] >= start)
 
@@ -129,40 +132,41 @@ def attention(w, kind: LayerKind, config: ModelConfig, a: mx.array, state: Layer
         r = kind.ratio
         comp_in = compressor.projections(w.attn_compressor_kv, w.attn_compressor_gate, w.attn_compressor_ape,
                                          a, positions, r)
-        comp_store = compressor.emit(comp_store, state.comp, *comp_in, p0, w.attn_compressor_norm, config, r,
+        comp_store = compressor.emit(comp_store, state.comp, *comp_in, p0, w.attn_compressor_norm, config, kind,
                                      False, numerics, n_positions)
         if kind is LayerKind.INDEXED:
             index_in = compressor.projections(w.indexer_compressor_kv, w.indexer_compressor_gate,
                                               w.indexer_compressor_ape, a, positions, r)
             index_store = compressor.emit(index_store, state.index, *index_in, p0, w.indexer_compressor_norm,
-                                          config, r, True, numerics, n_positions)
+                                          config, kind, True, numerics, n_positions)
     chunk = ChunkRows(kv, comp_in, index_in)
 
     if kind is LayerKind.SLIDING:
-        o = _blocks(T, 4 * H * (W + T), lambda s: attend(q[s], keys, window_mask[s], w.attn_sinks))
+        o = _blocks(T, 4 * H * (W + T), lambda s: attend(q[s], window, window_mask[s], w.attn_sinks))
     else:
         comp_rows = comp_store[:rows]
-        visible = mx.arange(rows)[None, :] < ((positions + 1) // kind.ratio)[:, None]  # [T, rows]
+        visible = iota(rows)[None, :] < ((positions + 1) // kind.ratio)[:, None]  # [T, rows]
         if kind is LayerKind.INDEXED and rows > config.indexer_top_k:
-            qi, wi = _indexer_scores(w, config, a, qn, cos, sin, numerics)
+            rot_i = Rotation.at(config, True, positions, config.indexer_head_dim, n_positions)
+            qi, wi = _indexer_scores(w, config, a, qn, rot_i, numerics)
             index_rows = index_store[:rows]
             k = config.indexer_top_k
 
             def sparse(s):
                 picked = _select(qi[s], wi[s], index_rows, visible[s], k)
                 own_mask = mx.take_along_axis(visible[s], picked, axis=-1)
-                return attend(q[s], keys, window_mask[s], w.attn_sinks, comp_rows[picked], own_mask)
+                return attend(q[s], window, window_mask[s], w.attn_sinks, comp_rows[picked], own_mask)
 
             per_query = 4 * max(k * D, config.n_indexer_head * rows)
             o = _blocks(T, per_query, sparse)
         else:
-            keys = mx.concatenate([keys, comp_rows])
+            keys = mx.concatenate([window, comp_rows])
             mask = mx.concatenate([window_mask, visible], axis=1)
             o = _blocks(T, 4 * H * keys.shape[0], lambda s: attend(q[s], keys, mask[s], w.attn_sinks))
 
-    o = rope_tail(o, cos, sin, inverse=True)
+    o = rotation.apply(o, inverse=True)
     low = w.attn_output_a.grouped(o.reshape(T, config.n_out_group, -1))  # [T, G, o_lora_rank]
-    new_state = chunk.state_after(state, T)
+    new_state = chunk.state_after(state, T, window)
     return w.attn_output_b(low.reshape(T, -1)), new_state, chunk, (comp_store, index_store)
 
 

@@ -17,6 +17,7 @@ from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
 from ds4.generate import ThinkPrinter, generate, generate_speculative
+from ds4.config import LayerKind
 from ds4.loader import DS4FLASH, choose_model, open_model, open_mtp
 from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
 from ds4.speculative import SpecOptions, SpecStats, json_logger
@@ -25,12 +26,13 @@ from ds4.speculative import SpecOptions, SpecStats, json_logger
 def format_inspect(model, mtp=None) -> str:
     """The `--inspect` summary: dims, tensor counts and bytes per quant type, KV bytes per token."""
     c = model.config
-    kinds = [c.ratio(il) for il in range(c.n_layer)]
+    kinds = [c.layer_kind(il) for il in range(c.n_layer)]
     lines = [
         f"file:          {model.path}",
         f"name:          {model.name or '-'}",
-        f"layers:        {c.n_layer} ({kinds.count(0)} sliding-window, {kinds.count(4)} ratio-4 + indexer, "
-        f"{kinds.count(128)} ratio-128; {min(c.n_hash_layer, c.n_layer)} hash-routed)",
+        f"layers:        {c.n_layer} ({kinds.count(LayerKind.SLIDING)} sliding-window, "
+        f"{kinds.count(LayerKind.INDEXED)} ratio-4 + indexer, {kinds.count(LayerKind.COMPRESSED)} ratio-128; "
+        f"{min(c.n_hash_layer, c.n_layer)} hash-routed)",
         f"embedding:     {c.n_embd} x {c.n_hc} hyper-connection streams, vocab {c.n_vocab}",
         f"attention:     {c.n_head} heads x {c.head_dim} (rope {c.n_rot}), 1 KV head, q-lora {c.q_lora_rank}, "
         f"output {c.n_out_group} groups x {c.o_lora_rank}, window {c.n_swa}",

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ds4.config import ModelConfig
-from ds4.numerics import Numerics, index_row_qat, kv_row_qat, rms_norm
-from ds4.rope import rope_angles, rope_tail
+from ds4.config import LayerKind, ModelConfig
+from ds4.numerics import Numerics, index_row_qat, iota, kv_row_qat, rms_norm
+from ds4.rope import Rotation
 from ds4.state import Frontier, windows_touched
 
 # Unfilled candidates score this instead of -inf: the weight is exactly 0 either way beside a
@@ -41,22 +41,23 @@ def advance(frontier: Frontier, kv: mx.array, score: mx.array, n: int) -> Fronti
                     mx.concatenate([frontier.score, score[:n]])[n:n + R])
 
 
-def pool_windows(frontier: Frontier, kv: mx.array, score: mx.array, p0: mx.array, ratio: int) -> mx.array:
-    """Pooled values [n_win, Wc / coff] of windows p0 // ratio ... for the chunk's projections
-    kv, score [T, Wc] at positions p0.., over the frontier before it."""
-    T, R = kv.shape[0], frontier.kv.shape[0]
+def pool_windows(frontier: Frontier, kv: mx.array, score: mx.array, p0: mx.array, kind: LayerKind) -> mx.array:
+    """Pooled values [n_win, Wc / windows] of windows p0 // ratio ... for the chunk's
+    projections kv, score [T, Wc] at positions p0.., over the frontier before it."""
+    T, R, Wc, ratio = kv.shape[0], frontier.kv.shape[0], kv.shape[1], kind.ratio
     seq_kv = mx.concatenate([frontier.kv, kv])  # positions p0 - R .. p0 + T - 1
     seq_sc = mx.concatenate([frontier.score, score])
     n_win = windows_touched(T, ratio)
-    offsets = mx.arange(-4, 4) if ratio == 4 else mx.arange(ratio)  # ratio 4: previous window, then current
-    pos = (p0 // ratio + mx.arange(n_win))[:, None] * ratio + offsets[None]  # [n_win, C]
-    idx = mx.minimum(pos - (p0 - R), R + T - 1)  # never below 0: the frontier reaches back far enough
-    cand_kv, cand_sc = seq_kv[idx], seq_sc[idx]  # [n_win, C, Wc]
-    if ratio == 4:
-        half = kv.shape[1] // 2
-        cand_kv = mx.concatenate([cand_kv[:, :4, :half], cand_kv[:, 4:, half:]], axis=1)
-        cand_sc = mx.concatenate([cand_sc[:, :4, :half], cand_sc[:, 4:, half:]], axis=1)
-    filled = ((pos >= 0) & (pos < p0 + T))[..., None]
+    if kind.windows == 2:  # the previous window's first-half dims, then the current window's second half
+        offsets, width = iota(2 * ratio)[:, None] - ratio, Wc // 2
+        dims = iota(width)[None, :] + (iota(2 * ratio)[:, None] >= ratio) * width  # [2 ratio, width]
+    else:
+        offsets, width, dims = iota(ratio)[:, None], Wc, iota(Wc)[None, :]
+    pos = (p0 // ratio + iota(n_win))[:, None, None] * ratio + offsets[None]  # [n_win, C, 1]
+    row = mx.minimum(pos - (p0 - R), R + T - 1)  # never below 0: the frontier reaches back far enough
+    flat = row * Wc + dims[None]  # [n_win, C, width]: one gather per array, no slicing
+    cand_kv, cand_sc = seq_kv.reshape(-1)[flat], seq_sc.reshape(-1)[flat]
+    filled = (pos >= 0) & (pos < p0 + T)
     cand_sc = mx.where(filled, cand_sc, UNFILLED_SCORE)
     return mx.sum(mx.softmax(cand_sc, axis=1, precise=True) * cand_kv, axis=1)
 
@@ -66,17 +67,16 @@ def finish_rows(pooled: mx.array, norm: mx.array, config: ModelConfig, first_win
     """Cached rows from pooled values: RMSNorm, RoPE at each window's first position, then the
     QAT round-trip (FP8 on the non-RoPE dims for attention rows, Hadamard + FP4 for indexer
     rows) and f16 rounding."""
-    positions = (first_window + mx.arange(pooled.shape[0])) * ratio
-    cos, sin = rope_angles(config, True, positions, n_positions)
-    c = rope_tail(rms_norm(pooled, norm, config.rms_eps), cos, sin)
+    positions = (first_window + iota(pooled.shape[0])) * ratio
+    c = Rotation.at(config, True, positions, pooled.shape[-1], n_positions).apply(rms_norm(pooled, norm, config.rms_eps))
     return index_row_qat(c, numerics) if indexer else kv_row_qat(c, c.shape[-1] - config.n_rot, numerics)
 
 
 def emit(store: mx.array, frontier: Frontier, kv: mx.array, score: mx.array, p0: mx.array, norm: mx.array,
-         config: ModelConfig, ratio: int, indexer: bool, numerics: Numerics, n_positions: int) -> mx.array:
+         config: ModelConfig, kind: LayerKind, indexer: bool, numerics: Numerics, n_positions: int) -> mx.array:
     """Write the rows of every window the chunk touches into `store` [cap, width] (in place when
     the store is referenced only by this graph); returns the updated store."""
-    first = p0 // ratio
-    pooled = pool_windows(frontier, kv, score, p0, ratio)
-    rows = finish_rows(pooled, norm, config, first, ratio, indexer, numerics, n_positions)
+    first = p0 // kind.ratio
+    pooled = pool_windows(frontier, kv, score, p0, kind)
+    rows = finish_rows(pooled, norm, config, first, kind.ratio, indexer, numerics, n_positions)
     return mx.slice_update(store, rows, first.reshape(1), axes=(0,))

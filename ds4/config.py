@@ -44,6 +44,12 @@ class LayerKind(enum.Enum):
         """Tokens pooled into one compressed row (0: none)."""
         return self.value
 
+    @property
+    def windows(self) -> int:
+        """Windows a compressed row pools: 2 for ratio 4 (overlapping windows, each half of the
+        row from one of them; projections and frontiers are twice as wide), else 1."""
+        return 2 if self is LayerKind.INDEXED else 1
+
 
 @dataclass(frozen=True)
 class Key:
@@ -187,11 +193,10 @@ class ModelConfig:
         """Asymptotic compressed-cache bytes per context token (13,760 for DS4 Flash)."""
         total = 0.0
         for il in range(self.n_layer):
-            r = self.ratio(il)
-            if r == 4:
-                total += (self.head_dim + self.indexer_head_dim) * 4 / r
-            elif r:
-                total += self.head_dim * 4 / r
+            kind = self.layer_kind(il)
+            if kind is not LayerKind.SLIDING:
+                width = self.head_dim + (self.indexer_head_dim if kind is LayerKind.INDEXED else 0)
+                total += width * 4 / kind.ratio
         return total
 
     def raw_cap(self, ctx: int, prefill_cap: int) -> int:
@@ -205,11 +210,10 @@ class ModelConfig:
         raw = self.n_layer * self.raw_cap(ctx, prefill_cap) * self.head_dim * 4
         comp = 0
         for il in range(self.n_layer):
-            r = self.ratio(il)
-            if r == 4:
-                comp += (ctx // 4 + 2) * (self.head_dim + self.indexer_head_dim) * 4
-            elif r:
-                comp += (ctx // r + 2) * self.head_dim * 4
+            kind = self.layer_kind(il)
+            if kind is not LayerKind.SLIDING:
+                width = self.head_dim + (self.indexer_head_dim if kind is LayerKind.INDEXED else 0)
+                comp += (ctx // kind.ratio + 2) * width * 4
         return raw + comp
 
     def kv_payload_bytes(self, n_tokens: int) -> int:
@@ -220,12 +224,12 @@ class ModelConfig:
         size = 13 * 4 + 4 * n_tokens + 4 * self.n_vocab + 2 * 4 * self.n_layer
         for il in range(self.n_layer):
             size += min(n_tokens, self.n_swa) * self.head_dim * 4
-            r = self.ratio(il)
-            coff = 2 if r == 4 else 1
-            if r:
-                size += (n_tokens // r) * self.head_dim * 4 + 2 * (coff * r) * (coff * self.head_dim) * 4
-            if r == 4:
-                size += (n_tokens // r) * self.indexer_head_dim * 4 + 2 * (coff * r) * (coff * self.indexer_head_dim) * 4
+            kind = self.layer_kind(il)
+            r, coff = kind.ratio, kind.windows
+            widths = {LayerKind.SLIDING: (), LayerKind.COMPRESSED: (self.head_dim,),
+                      LayerKind.INDEXED: (self.head_dim, self.indexer_head_dim)}[kind]
+            for width in widths:  # rows, then the frontier's kv and score
+                size += (n_tokens // r) * width * 4 + 2 * (coff * r) * (coff * width) * 4
         return size
 
     # -- metadata I/O --------------------------------------------------------------------------

@@ -42,6 +42,17 @@ def device_kind() -> str:
     return "cuda"
 
 
+def compile_steps() -> bool:
+    """Whether steps run as `mx.compile`d graphs: DS4_COMPILE=1 or 0, else on GPU backends only.
+    On the CPU, MLX builds every fused kernel with the system C++ compiler the first time it is
+    seen (about a minute for a model's step kernels on 2 cores, cached per machine afterwards),
+    and the steady-state gain there is small: steps run uncompiled unless asked."""
+    value = os.environ.get("DS4_COMPILE", "auto")
+    if value in ("0", "1"):
+        return value == "1"
+    return device_kind() != "cpu"
+
+
 def reference_only() -> bool:
     return os.environ.get("DS4_KERNELS", "") == "reference"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as QT
 
-from ds4.config import ModelConfig
+from ds4.config import LayerKind, ModelConfig
 from ds4.errors import GGUFError
 from ds4.gguf import GGUFFile, GGUFTensor, qtype_name
 
@@ -35,7 +35,8 @@ def _layer_specs(c: ModelConfig, p: str, il: int, mtp: bool) -> list[TensorSpec]
     F16-or-F32 HC and router matrices)."""
     E, hc = c.n_embd, c.hc_dim
     plain = (QT.F32, QT.F16) if mtp else (QT.F16,)
-    ratio = 0 if mtp else c.ratio(il)
+    kind = LayerKind.SLIDING if mtp else c.layer_kind(il)
+    ratio = kind.ratio
     s = [
         TensorSpec(f"{p}hc_attn_fn.weight", (hc, c.hc_mix), plain, "hc_fn"),
         TensorSpec(f"{p}hc_attn_scale.weight", (3,), (QT.F32,), "hc_scale"),
@@ -50,17 +51,16 @@ def _layer_specs(c: ModelConfig, p: str, il: int, mtp: bool) -> list[TensorSpec]
         TensorSpec(f"{p}attn_output_a.weight", (c.out_group_in, c.out_low_dim), (QT.Q8_0,), "proj"),
         TensorSpec(f"{p}attn_output_b.weight", (c.out_low_dim, E), (QT.Q8_0,), "proj"),
     ]
-    if ratio:
-        coff = 2 if ratio == 4 else 1  # ratio-4 compressors keep two overlapping windows
-        width = coff * c.head_dim
+    if kind is not LayerKind.SLIDING:
+        width = kind.windows * c.head_dim
         s += [
             TensorSpec(f"{p}attn_compressor_ape.weight", (width, ratio), (QT.F16,), "ape"),
             TensorSpec(f"{p}attn_compressor_kv.weight", (E, width), (QT.F16,), "proj"),
             TensorSpec(f"{p}attn_compressor_gate.weight", (E, width), (QT.F16,), "proj"),
             TensorSpec(f"{p}attn_compressor_norm.weight", (c.head_dim,), (QT.F32,), "norm"),
         ]
-    if ratio == 4:
-        iw = 2 * c.indexer_head_dim
+    if kind is LayerKind.INDEXED:
+        iw = kind.windows * c.indexer_head_dim
         s += [
             TensorSpec(f"{p}indexer.attn_q_b.weight", (c.q_lora_rank, c.n_indexer_head * c.indexer_head_dim),
                        (QT.F16,), "proj"),

@@ -17,7 +17,6 @@ that: those steps trace under `kernels.row_invariant()`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -154,11 +153,19 @@ def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig
     weights for HC post."""
     T, M, E = X.shape
     eps = config.hc_eps
-    mix = fn(rms_norm(X.reshape(T, M * E), None, config.rms_eps))  # [T, 2M + M*M]
-    pre = mx.sigmoid(mix[:, :M] * scale[0] + base[:M]) + eps
-    post = 2.0 * mx.sigmoid(mix[:, M:2 * M] * scale[1] + base[M:2 * M])
-    comb = sinkhorn((mix[:, 2 * M:] * scale[2] + base[2 * M:]).reshape(T, M, M), config.hc_sinkhorn_iters, eps)
+    mix = _normed_mix(X, fn, config.rms_eps)  # [T, 2M + M*M]
+    pre = mx.sigmoid(mix[:, :M] * scale[0:1] + base[:M]) + eps
+    post = 2.0 * mx.sigmoid(mix[:, M:2 * M] * scale[1:2] + base[M:2 * M])
+    comb = sinkhorn((mix[:, 2 * M:] * scale[2:3] + base[2 * M:]).reshape(T, M, M), config.hc_sinkhorn_iters, eps)
     return HCMix(_mix_streams(pre, X), post, comb)
+
+
+def _normed_mix(X: mx.array, fn, eps: float) -> mx.array:
+    """fn(RMSNorm(flat X)) as fn(flat X) * rsqrt(mean(flat X^2) + eps) (ds4 computes it so too):
+    the product runs on X itself and the normalised copy of the streams is never written."""
+    T, M, E = X.shape
+    flat = X.reshape(T, M * E)
+    return fn(flat) * mx.rsqrt(mx.mean(mx.square(flat), axis=-1, keepdims=True) + eps)
 
 
 def hc_post(out: mx.array, X: mx.array, mix: HCMix) -> mx.array:
@@ -169,9 +176,8 @@ def hc_post(out: mx.array, X: mx.array, mix: HCMix) -> mx.array:
 
 def hc_head(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig) -> mx.array:
     """Collapse the streams with sigmoid gates (no Sinkhorn): [T, M, E] -> [T, E]."""
-    T, M, E = X.shape
-    q = fn(rms_norm(X.reshape(T, M * E), None, config.rms_eps))
-    return _mix_streams(mx.sigmoid(q * scale[0] + base) + config.hc_eps, X)
+    q = _normed_mix(X, fn, config.rms_eps)
+    return _mix_streams(mx.sigmoid(q * scale[0:1] + base) + config.hc_eps, X)
 
 
 def block(w: LayerWeights, kind: LayerKind, config: ModelConfig, clamp: float, X: mx.array, tokens: mx.array,
@@ -256,7 +262,6 @@ class Model:
         self.output_hc_base = tensors["output_hc_base.weight"]
         self.output_norm = tensors["output_norm.weight"]
         self.output = tensors["output.weight"]
-        self.compile = os.environ.get("DS4_COMPILE", "1") != "0"
         self.traces = 0  # step graphs traced so far (each compiled shape class traces once)
         self._compiled: dict[StepSpec, object] = {}
 
@@ -302,13 +307,14 @@ class Model:
                 "finite": mx.all(mx.isfinite(logits), axis=-1), "hidden": X, "layers": new_layers,
                 "chunks": chunks if spec.all_logits else None, "comp": comp, "index": index}
 
-    def _function(self, spec: StepSpec):
+    def _function(self, spec: StepSpec, compiled: bool):
+        """The step for a shape class: compiled once and kept (`kernels.compile_steps`), or the
+        plain function (traced again at every call)."""
+        if not (compiled and kernels.compile_steps()):
+            return partial(self._step_arrays, spec)
         fn = self._compiled.get(spec)
         if fn is None:
-            fn = partial(self._step_arrays, spec)
-            if self.compile:
-                fn = mx.compile(fn)
-            self._compiled[spec] = fn
+            fn = self._compiled[spec] = mx.compile(partial(self._step_arrays, spec))
         return fn
 
     def empty_state(self, ctx: int, max_chunk: int) -> StepState:
@@ -326,7 +332,7 @@ class Model:
             tokens = mx.array(np.asarray(tokens, dtype=np.int32).reshape(-1))
         T, p0, c = tokens.shape[0], state.pos, self.config
         spec = StepSpec(T, position_bucket(p0 + T), all_logits, table_positions(state.ctx + 8 * T + 256))
-        fn = self._function(spec) if compiled else partial(self._step_arrays, spec)
+        fn = self._function(spec, compiled)
         store = state.store
         comp, index = store.take(p0) if store is not None else ([None] * c.n_layer, [None] * c.n_layer)
         try:

@@ -23,6 +23,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from ds4 import kernels
 from ds4.config import LayerKind
 from ds4.layout import MTP_PREFIX, mtp_tensor_specs
 from ds4.loader import ModelFile
@@ -77,13 +78,13 @@ class MTPHead:
         if not isinstance(tokens, mx.array):
             tokens = mx.array(list(tokens), dtype=mx.int32)
         T = tokens.shape[0]
-        key = (T, head, table_positions(state.ctx + 8 * T + 256))
-        fn = self._compiled.get(key) if compiled else None
-        if fn is None:
-            fn = partial(self._rows, key[2], head)
-            if compiled and self.base.compile:
-                fn = mx.compile(fn)
-                self._compiled[key] = fn
+        n_positions = table_positions(state.ctx + 8 * T + 256)
+        fn = partial(self._rows, n_positions, head)
+        if compiled and kernels.compile_steps():
+            key = (T, head, n_positions)
+            if key not in self._compiled:
+                self._compiled[key] = mx.compile(fn)
+            fn = self._compiled[key]
         logits, X, raw = fn(self.base.embed(tokens), hidden, tokens, mx.array(state.pos, mx.int32),
                             mx.array(state.start, mx.int32), state.layers[0].raw)
         return logits, state.with_layers(state.pos + T, [LayerState(raw)]), X

@@ -44,6 +44,15 @@ class Numerics:
     straight_through: bool = False
 
 
+@cache
+def iota(n: int, dtype=mx.int32) -> mx.array:
+    """arange(n), evaluated once: a compiled step reads it as a constant instead of launching a
+    kernel to fill it every step."""
+    a = mx.arange(n, dtype=dtype)
+    mx.eval(a)
+    return a
+
+
 def round_trip(x: mx.array, fn, numerics: Numerics) -> mx.array:
     """fn(x) where QAT is on; in training the straight-through estimator (value fn(x),
     gradient of the identity), since rounding has a zero gradient almost everywhere."""
@@ -126,8 +135,14 @@ def fp8_round_trip(x: mx.array, n_dims: int) -> mx.array:
     a power-of-two scale; the remaining (RoPE) dims pass through."""
     if n_dims == 0:
         return x
-    head = _block_round_trip(x[..., :n_dims], FP8_BLOCK, 1e-4, FP8_MAX, fp8_e4m3_round)
-    return mx.concatenate([head, x[..., n_dims:]], axis=-1)
+    D = x.shape[-1]
+    if D % FP8_BLOCK:
+        head = _block_round_trip(x[..., :n_dims], FP8_BLOCK, 1e-4, FP8_MAX, fp8_e4m3_round)
+        return mx.concatenate([head, x[..., n_dims:]], axis=-1)
+    # Whole rows in blocks (n_dims is a multiple of the block), then keep the tail as it was:
+    # a select instead of a slice and a concatenation.
+    rounded = _block_round_trip(x, FP8_BLOCK, 1e-4, FP8_MAX, fp8_e4m3_round)
+    return mx.where(iota(D) < n_dims, rounded, x)
 
 
 @cache
@@ -169,6 +184,6 @@ def topk_lowest_index(scores: mx.array, k: int) -> mx.array:
     # breaks ties: key * N + (N - 1 - i) is unique and larger for lower indices.
     bits = scores.view(mx.int32).astype(mx.int64)
     key = mx.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
-    key = key * n + (n - 1 - mx.arange(n, dtype=mx.int64))
+    key = key * n + (n - 1 - iota(n, mx.int64))
     idx = mx.argpartition(-key, kth=k - 1, axis=-1)[..., :k]
     return mx.stop_gradient(mx.sort(idx, axis=-1))  # a choice: no gradient flows through it

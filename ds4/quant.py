@@ -39,6 +39,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ds4 import kernels
 from ds4.codecs import row_bytes
 from ds4.errors import QuantError
+from ds4.numerics import iota
 
 QT = GGMLQuantizationType
 
@@ -388,7 +389,7 @@ def _grouped_matmul_reference(w: QuantWeight, x: mx.array) -> mx.array:
     rows = w.shape[0] // G
     if w.bits is not None:
         parts = [a.reshape(G, rows, -1) for a in (w.w_q, w.scales, w.biases)]
-        y = mx.gather_qmm(x[:, :, None, :], *parts, rhs_indices=mx.broadcast_to(mx.arange(G), (T, G)),
+        y = mx.gather_qmm(x[:, :, None, :], *parts, rhs_indices=mx.broadcast_to(iota(G), (T, G)),
                           transpose=True, group_size=GROUP_SIZE, bits=w.bits)
         return y.squeeze(-2)
     wt = w._decode().reshape(G, rows, n_in).swapaxes(-1, -2)  # [G, in, rows]
@@ -434,9 +435,9 @@ def unique_experts(expert_ids: mx.array, n_expert: int) -> tuple[mx.array, mx.ar
     past the distinct count hold expert 0 and are never referenced."""
     M, k = expert_ids.shape
     if M == 1:
-        return expert_ids.reshape(-1), mx.arange(k).reshape(1, k)
+        return expert_ids.reshape(-1), iota(k).reshape(1, k)
     if M * k >= n_expert:
-        return mx.arange(n_expert), expert_ids
+        return iota(n_expert), expert_ids
     flat = expert_ids.reshape(-1).astype(mx.int32)
     order = mx.argsort(flat)
     ranked = flat[order]

@@ -15,6 +15,7 @@ angles to a few float32 ulps at any position up to the table size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
@@ -45,44 +46,53 @@ def rope_inv_freq(config: ModelConfig, compressed: bool) -> np.ndarray:
     return freq * (gamma + (1.0 - gamma) / config.rope_scale_factor)
 
 
-@cache
-def _tables(config: ModelConfig, compressed: bool, n_positions: int) -> tuple[mx.array, mx.array]:
-    """(hi, lo) tables float32 [n, n_rot // 2, 2] of (cos, sin) for hi * 1024 and for lo."""
-    f = rope_inv_freq(config, compressed)
-    n_hi = -(-n_positions >> LOW_BITS)
-
-    def table(pos: np.ndarray) -> mx.array:
-        theta = pos[:, None].astype(np.float64) * f[None]
-        return mx.array(np.stack([np.cos(theta), np.sin(theta)], axis=-1).astype(np.float32))
-
-    return table(np.arange(n_hi) << LOW_BITS), table(np.arange(1 << LOW_BITS))
-
-
 def table_positions(ctx: int) -> int:
     """Positions the tables must cover for a context of `ctx` tokens."""
     return max(DEFAULT_POSITIONS, 1 << max(0, ctx - 1).bit_length())
 
 
-def rope_angles(config: ModelConfig, compressed: bool, positions: mx.array,
-                n_positions: int = DEFAULT_POSITIONS) -> tuple[mx.array, mx.array]:
-    """cos, sin float32 [N, n_rot // 2] for int32 positions [N] (0 <= p < n_positions)."""
-    hi_table, lo_table = _tables(config, compressed, n_positions)
-    hi = hi_table[positions >> LOW_BITS]
-    lo = lo_table[positions & ((1 << LOW_BITS) - 1)]
-    ch, sh, cl, sl = hi[..., 0], hi[..., 1], lo[..., 0], lo[..., 1]
-    return ch * cl - sh * sl, sh * cl + ch * sl
+@cache
+def _row_tables(config: ModelConfig, compressed: bool, n_positions: int, dim: int) -> tuple[mx.array, mx.array]:
+    """(hi, lo) tables float32 [n, dim, 2] of the row factors (cos_row, sin_row) for hi * 1024
+    and for lo: the pass-through dims hold (1, 0), each rotated pair (cos, cos) and (-sin, sin)."""
+    f = rope_inv_freq(config, compressed)
+    head = dim - 2 * len(f)
+
+    def table(pos: np.ndarray) -> mx.array:
+        theta = pos[:, None].astype(np.float64) * f[None]
+        cos = np.concatenate([np.ones((len(pos), head)), np.repeat(np.cos(theta), 2, axis=1)], axis=1)
+        sin = np.concatenate([np.zeros((len(pos), head)), np.stack([-np.sin(theta), np.sin(theta)], 2).reshape(len(pos), -1)], axis=1)
+        return mx.array(np.stack([cos, sin], axis=-1).astype(np.float32))
+
+    n_hi = -(-n_positions >> LOW_BITS)
+    return table(np.arange(n_hi) << LOW_BITS), table(np.arange(1 << LOW_BITS))
 
 
-def rope_tail(x: mx.array, cos: mx.array, sin: mx.array, inverse: bool = False) -> mx.array:
-    """Rotate the last n_rot dims of x [T, (H,) D] in interleaved pairs; cos/sin [T, n_rot/2].
-    `inverse` rotates by -theta."""
-    n_rot = cos.shape[-1] * 2
-    if x.ndim == cos.ndim + 1:  # [T, H, D]: broadcast over heads
-        cos, sin = cos[:, None, :], sin[:, None, :]
-    if inverse:
-        sin = -sin
-    head, tail = x[..., :-n_rot], x[..., -n_rot:]
-    pairs = tail.reshape(*tail.shape[:-1], n_rot // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(tail.shape)
-    return mx.concatenate([head, rotated], axis=-1)
+@dataclass(frozen=True)
+class Rotation:
+    """RoPE of rows at N positions as two row-wide factors [N, D]: the rotated row is
+    x * cos_row + swap(x) * sin_row, where swap exchanges the two members of every pair.
+    cos_row is 1 and sin_row 0 on the first D - n_rot dims (they pass through); on the tail
+    cos_row repeats cos and sin_row holds (-sin, +sin) per pair. The factors come from the
+    high and low position tables by the angle-addition formulas (the pair signs cancel in the
+    sin * sin term): two gathers and one elementwise kernel; applying them is one more."""
+
+    cos_row: mx.array
+    sin_row: mx.array
+
+    @classmethod
+    def at(cls, config: ModelConfig, compressed: bool, positions: mx.array, dim: int,
+           n_positions: int = DEFAULT_POSITIONS) -> Rotation:
+        hi_table, lo_table = _row_tables(config, compressed, n_positions, dim)
+        hi = hi_table[positions >> LOW_BITS]
+        lo = lo_table[positions & ((1 << LOW_BITS) - 1)]
+        ch, sh, cl, sl = hi[..., 0], hi[..., 1], lo[..., 0], lo[..., 1]
+        return cls(ch * cl - sh * sl, sh * cl + ch * sl)
+
+    def apply(self, x: mx.array, inverse: bool = False) -> mx.array:
+        """Rotate rows x [N, (H,) D] (by -theta when `inverse`)."""
+        c, s = self.cos_row, self.sin_row
+        if x.ndim == c.ndim + 1:  # [N, H, D]: the same rotation for every head
+            c, s = c[:, None, :], s[:, None, :]
+        swapped = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)[..., ::-1].reshape(x.shape)
+        return x * c - swapped * s if inverse else x * c + swapped * s

@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from ds4.atomic import atomic_write
+from ds4.config import LayerKind
 from ds4.errors import Ds4Error
 from ds4.loader import ModelFile, open_model, open_mtp
 from ds4.model import MAX_VERIFY_ROWS, StepOut
@@ -184,23 +185,27 @@ class Session:
 
     # -- stepping ---------------------------------------------------------------------------------
 
-    def _commit(self, snap: Snapshot, out: StepOut, row: int | None, p0: int | None, tokens) -> None:
-        """Evaluate a new state (one graph), record its rows in the store, then make it current:
-        an interruption leaves the old one. `row` picks the logits row the snapshot keeps."""
+    def _commit(self, snap: Snapshot, out: StepOut, row: int, p0: int | None, tokens) -> None:
+        """Evaluate a new state (one graph, one async_eval; the host waits only for the greedy
+        token and the finiteness flag), record its rows in the store, then make it current: an
+        interruption leaves the old one. `row` picks the logits row the snapshot keeps."""
         try:
-            mx.eval(*snap.arrays(), out.argmax, out.finite, *self.store.arrays())
+            mx.async_eval(*snap.arrays(), out.argmax, out.finite, *self.store.arrays())
+            finite = bool(out.finite.tolist()[row])
+            argmax = int(out.argmax.tolist()[row]) if finite else None
         except Exception:
-            # A failed evaluation may have half-written the shared rows: nothing that reads
-            # them can be trusted. Start over (remembered snapshots stop serving).
-            self.store.reset()
-            self._checkpoints.clear()
-            self.invalidate()
+            self._lose_rows()
             raise
         if p0 is not None:
             self.store.record(p0, tokens)
-        finite = bool(out.finite.tolist()[row])
-        argmax = int(out.argmax.tolist()[row]) if finite else None
         self._state = Snapshot(snap.tokens, snap.state, snap.logits, snap.hidden, snap.mtp, argmax, finite)
+
+    def _lose_rows(self) -> None:
+        """After a failed evaluation the shared rows may be half-written: nothing that reads them
+        can be trusted. Start over (remembered snapshots stop serving)."""
+        self.store.reset()
+        self._checkpoints.clear()
+        self.invalidate()
 
     def _advanced(self, tokens: tuple[int, ...], out: StepOut, row: int, state: StepState, hidden: mx.array) -> Snapshot:
         """The snapshot after committing `tokens` whose step gave `out` (logits row `row`), with
@@ -235,9 +240,7 @@ class Session:
         try:
             mx.eval(*out.arrays())
         except Exception:
-            self.store.reset()
-            self._checkpoints.clear()
-            self.invalidate()
+            self._lose_rows()
             raise
         self.store.record(p0, rows)
         return Verified(tuple(int(t) for t in rows), out.argmax.tolist(), out.finite.tolist(), out, before)
@@ -393,8 +396,9 @@ class Session:
         c, n = self.config, self.pos
         raw_live = min(n, c.n_swa)
         state = self._state.state
-        n_comp = [n // c.ratio(il) if c.ratio(il) else 0 for il in range(c.n_layer)]
-        n_index = [n_comp[il] if c.ratio(il) == 4 else 0 for il in range(c.n_layer)]
+        kinds = [c.layer_kind(il) for il in range(c.n_layer)]
+        n_comp = [n // k.ratio if k.ratio else 0 for k in kinds]
+        n_index = [n_comp[il] if k is LayerKind.INDEXED else 0 for il, k in enumerate(kinds)]
         parts = [struct.pack("<13I", PAYLOAD_MAGIC, 1, self.ctx, self.prefill_chunk,
                              c.raw_cap(self.ctx, self.prefill_chunk), c.n_swa, self.ctx // 4 + 2, n,
                              c.n_layer, c.head_dim, c.indexer_head_dim, c.n_vocab, raw_live),
@@ -404,11 +408,10 @@ class Session:
         arrays = []
         for il, ls in enumerate(state.layers):
             arrays.append(ls.raw[c.n_swa - raw_live:])
-            r = c.ratio(il)
             for frontier, store, count in ((ls.comp, self.store.comp[il], n_comp[il]),
                                            (ls.index, self.store.index[il], n_index[il])):
                 if frontier is not None:
-                    arrays += [store[:count], *_frontier_to_payload(frontier, n, r)]
+                    arrays += [store[:count], *_frontier_to_payload(frontier, n, kinds[il])]
         parts += [np.asarray(a, np.float32).tobytes() for a in arrays]
         return b"".join(parts)
 
@@ -447,18 +450,18 @@ class Session:
             raw = take(raw_live * c.head_dim, np.float32, (raw_live, c.head_dim))
             raw = mx.concatenate([ls.raw[:c.n_swa - raw_live], mx.array(raw)], axis=0)
             fronts = []
-            r = c.ratio(il)
+            kind = c.layer_kind(il)
             for key, frontier, count, width in (("comp", ls.comp, n_comp[il], c.head_dim),
                                                 ("index", ls.index, n_index[il], c.indexer_head_dim)):
                 if frontier is None:
                     fronts.append(None)
                     continue
-                if count != n // r:
-                    raise SessionError(f"{path}: layer {il} has {count} compressed rows, expected {n // r}")
+                if count != n // kind.ratio:
+                    raise SessionError(f"{path}: layer {il} has {count} compressed rows, expected {n // kind.ratio}")
                 rows[key, il] = take(int(count) * width, np.float32, (int(count), width))
-                shape = (frontier_rows(r), frontier.kv.shape[1])
+                shape = (frontier_rows(kind), frontier.kv.shape[1])
                 kv, score = take(int(np.prod(shape)), np.float32, shape), take(int(np.prod(shape)), np.float32, shape)
-                fronts.append(_frontier_from_payload(kv, score, int(n), r))
+                fronts.append(_frontier_from_payload(kv, score, int(n), kind))
             layers.append(LayerState(raw, *fronts))
         if pos != len(buf):
             raise SessionError(f"{path}: saved session has {len(buf) - pos} trailing bytes")
@@ -482,20 +485,20 @@ class Session:
         self._state = Snapshot(tokens, state, snap.logits, None, mtp, int(top) if bool(finite) else None, bool(finite))
 
 
-def _frontier_to_payload(f: Frontier, n: int, ratio: int) -> tuple[mx.array, mx.array]:
+def _frontier_to_payload(f: Frontier, n: int, kind: LayerKind) -> tuple[mx.array, mx.array]:
     """A frontier (positions n-R..n-1) in ds4's layout: ratio 4 rows 0-3 the previous window,
     4-7 the current one; ratio 128 row j the current window's position 128w + j; unfilled rows
     (positions >= n or < 0) kv 0, score -inf."""
-    R = frontier_rows(ratio)
+    R, ratio = frontier_rows(kind), kind.ratio
     start = ratio - n % ratio  # our index of the first position the payload holds
     empty = Frontier.empty(ratio, f.kv.shape[1])
     return (mx.concatenate([f.kv, empty.kv])[start:start + R],
             mx.concatenate([f.score, empty.score])[start:start + R])
 
 
-def _frontier_from_payload(kv: np.ndarray, score: np.ndarray, n: int, ratio: int) -> Frontier:
+def _frontier_from_payload(kv: np.ndarray, score: np.ndarray, n: int, kind: LayerKind) -> Frontier:
     """The inverse of `_frontier_to_payload` (positions the payload lacks come back unfilled)."""
-    R = frontier_rows(ratio)
+    R, ratio = frontier_rows(kind), kind.ratio
     empty = Frontier.empty(ratio, kv.shape[1])
     f = n % ratio
     return Frontier(mx.concatenate([empty.kv, mx.array(kv)])[f:f + R],

@@ -29,14 +29,13 @@ from ds4.config import LayerKind, ModelConfig
 from ds4.numerics import NEG_INF
 
 
-def frontier_rows(ratio: int) -> int:
-    """Positions a compressor frontier keeps: a window, and for ratio 4 the window before it."""
-    return 2 * ratio if ratio == 4 else ratio
+def frontier_rows(kind: LayerKind) -> int:
+    """Positions a compressor frontier keeps: the windows one compressed row pools."""
+    return kind.windows * kind.ratio
 
 
-def frontier_width(config: ModelConfig, ratio: int, indexer: bool) -> int:
-    width = config.indexer_head_dim if indexer else config.head_dim
-    return 2 * width if ratio == 4 else width
+def frontier_width(config: ModelConfig, kind: LayerKind, indexer: bool) -> int:
+    return kind.windows * (config.indexer_head_dim if indexer else config.head_dim)
 
 
 def windows_touched(n_tokens: int, ratio: int) -> int:
@@ -152,10 +151,10 @@ class StepState:
             raw = mx.zeros((config.n_swa, config.head_dim), mx.float32)
             comp = index = None
             if kind is not LayerKind.SLIDING:
-                R = frontier_rows(kind.ratio)
-                comp = Frontier.empty(R, frontier_width(config, kind.ratio, False))
+                R = frontier_rows(kind)
+                comp = Frontier.empty(R, frontier_width(config, kind, False))
                 if kind is LayerKind.INDEXED:
-                    index = Frontier.empty(R, frontier_width(config, kind.ratio, True))
+                    index = Frontier.empty(R, frontier_width(config, kind, True))
             layers.append(LayerState(raw, comp, index))
         return cls(start, ctx, tuple(layers), store, start)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Forward-pass speed: prefill and decode tokens/s, verify-shaped batches, per-layer cost.
+"""Forward-pass speed and memory: load time, prefill and decode tokens/s, verify-shaped batches,
+per-layer cost, peak RSS (after loading and at the end, with the model file's size beside it).
 
 Each measurement evaluates whole steps as one MLX graph (one `mx.eval` per step). Without
 --model it writes the `tiny` preset to a temp dir. Numbers on the CPU depend on the BLAS MLX
@@ -33,7 +34,10 @@ def measure(args) -> dict:
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
+    t_load = time.perf_counter()
     engine = Engine(args.model)
+    load_s = time.perf_counter() - t_load
+    rss_load = peak_rss_gb()
     model, c = engine.model, engine.config
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, c.n_vocab, args.prefill).tolist()
@@ -69,6 +73,7 @@ def measure(args) -> dict:
     head_only = step_time(1, layers=0)
     out = {
         "model": os.path.basename(args.model), "backend": args.backend, "blas": ds4.BLAS or "bundled",
+        "file_gb": os.path.getsize(args.model) / 1e9, "load_s": load_s, "peak_rss_after_load_gb": rss_load,
         "prefill_tokens": len(prompt), "prefill_tps": len(prompt) / prefill_s,
         "decode_ms": decode * 1e3, "decode_tps": 1 / decode,
         "per_layer_decode_ms": (decode - head_only) * 1e3 / c.n_layer, "embed_head_ms": head_only * 1e3,
@@ -77,7 +82,17 @@ def measure(args) -> dict:
         t = step_time(m)
         out[f"verify{m}_ms"] = t * 1e3
         out[f"verify{m}_over_decode"] = t / decode
+    out["peak_rss_gb"] = peak_rss_gb()
+    out["peak_rss_over_file"] = out["peak_rss_gb"] / out["file_gb"]
     return out
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident set so far (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def main() -> None:

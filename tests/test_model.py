@@ -17,7 +17,7 @@ from ds4.loader import open_model
 from ds4.model import Model
 from ds4.numerics import (Numerics, fp4_e2m1_round, fp8_e4m3_round, fp8_round_trip, hadamard_fp4_round_trip,
                           topk_lowest_index)
-from ds4.rope import rope_angles, rope_tail
+from ds4.rope import Rotation, rope_inv_freq
 from ds4.state import Frontier, RowStore
 
 # Same-precision paths reduce in different orders; logits have std ~2.
@@ -92,10 +92,13 @@ def test_any_chunking_matches(tiny_model, sizes):
     np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("m", [2, 3, 4, 8, 16, 17])
-def test_verify_batches_equal_decode_steps_bit_for_bit(tiny_model, m):
+@pytest.mark.parametrize("m, compiled", [(2, "0"), (3, "0"), (4, "0"), (8, "0"), (16, "0"), (17, "0"),
+                                         (2, "1"), (17, "1")])
+def test_verify_batches_equal_decode_steps_bit_for_bit(tiny_model, m, compiled, monkeypatch):
     """An M-row batch after a prefix gives each row exactly the logits the decode path gives
-    (#915): verify widths are traced row-invariant, so this holds under any BLAS."""
+    (#915): verify widths are traced row-invariant, so this holds under any BLAS, for the
+    plain and the compiled step."""
+    monkeypatch.setenv("DS4_COMPILE", compiled)
     tokens = _prompt(tiny_model, 60 + m, seed=2)
     decoded, dstate = _run_chunks(tiny_model, tokens, [60] + [1] * m)
     batched, bstate = _run_chunks(tiny_model, tokens, [60, m])
@@ -175,18 +178,19 @@ def test_compressor_chunks_match_one_token_steps():
     c = ModelConfig(n_layer=3, n_embd=64, n_head=2, head_dim=64 + 64, n_rot=64, indexer_head_dim=64,
                     n_indexer_head=2)
     rng = np.random.default_rng(0)
-    for ratio in (4, 128):
-        width = 2 * c.head_dim if ratio == 4 else c.head_dim
+    for kind in (LayerKind.INDEXED, LayerKind.COMPRESSED):
+        ratio = kind.ratio
+        width = kind.windows * c.head_dim
         kv = mx.array(rng.standard_normal((300, width)).astype(np.float32))
         sc = mx.array(rng.standard_normal((300, width)).astype(np.float32))
         norm = mx.ones((c.head_dim,))
 
         def run(sizes):
-            R = 2 * ratio if ratio == 4 else ratio
+            R = kind.windows * ratio
             frontier, rows, p, k = Frontier.empty(R, width), mx.zeros((300 // ratio + 80, c.head_dim)), 0, 0
             while p < 300:
                 n = min(sizes[k % len(sizes)], 300 - p)
-                rows = compressor.emit(rows, frontier, kv[p:p + n], sc[p:p + n], mx.array(p), norm, c, ratio, False,
+                rows = compressor.emit(rows, frontier, kv[p:p + n], sc[p:p + n], mx.array(p), norm, c, kind, False,
                                        Numerics(), 1 << 20)
                 frontier = compressor.advance(frontier, kv[p:p + n], sc[p:p + n], n)
                 p, k = p + n, k + 1
@@ -196,16 +200,17 @@ def test_compressor_chunks_match_one_token_steps():
         assert np.all(np.isfinite(one)) and np.abs(one).sum() > 0
         np.testing.assert_allclose(run([300]), one, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(run([5, 129, 3]), one, rtol=1e-6, atol=1e-6)
-        if ratio == 4:
+        if kind is LayerKind.INDEXED:
             # Window 0 pools only its own tokens (the window before position 0 does not count).
-            pooled = np.array(compressor.pool_windows(Frontier.empty(8, width), kv[:4], sc[:4], mx.array(0), 4))[0]
+            pooled = np.array(compressor.pool_windows(Frontier.empty(8, width), kv[:4], sc[:4], mx.array(0), kind))[0]
             half = c.head_dim
             want = np.array(mx.softmax(sc[:4, half:], axis=0) * kv[:4, half:]).sum(0)
             np.testing.assert_allclose(pooled, want, rtol=1e-5)
 
 
-def test_compiled_step_is_reused_across_positions(tiny_model):
+def test_compiled_step_is_reused_across_positions(tiny_model, monkeypatch):
     """One trace per shape class: decode steps at any position of a bucket reuse the graph."""
+    monkeypatch.setenv("DS4_COMPILE", "1")
     model = _with_config(tiny_model)
     model.traces = 0
     tokens = _prompt(model, 80, seed=4)
@@ -213,9 +218,11 @@ def test_compiled_step_is_reused_across_positions(tiny_model):
     assert model.traces == 2  # the 16-token prefill and the decode step
 
 
-def test_row_store_is_written_in_place(tiny_model):
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_row_store_is_written_in_place(tiny_model, compiled, monkeypatch):
     """A step writes its rows into the session's buffers without copying them: the buffer a
     compressed layer reads is the same allocation after every step."""
+    monkeypatch.setenv("DS4_COMPILE", compiled)
     tokens = _prompt(tiny_model, 40, seed=6)
     state = tiny_model.empty_state(512, 16)
     store = state.store
@@ -299,29 +306,34 @@ def test_round_trips_are_idempotent_and_keep_the_rope_tail():
     assert h.shape == x.shape and bool(mx.all(mx.isfinite(h)))
 
 
-def test_rope_is_a_rotation_and_inverse_undoes_it():
+def test_rope_is_a_rotation_of_interleaved_pairs_and_inverse_undoes_it():
     c = ModelConfig()
-    x = mx.array(np.random.default_rng(3).standard_normal((6, 4, 512)).astype(np.float32))
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal((6, 4, 512)).astype(np.float32))
+    positions = np.arange(1000, 1006)
     for compressed in (False, True):
-        cos, sin = rope_angles(c, compressed, mx.arange(1000, 1006))
-        y = rope_tail(x, cos, sin)
+        rot = Rotation.at(c, compressed, mx.array(positions, mx.int32), 512)
+        y = rot.apply(x)
         np.testing.assert_array_equal(np.array(y[..., :448]), np.array(x[..., :448]))
-        np.testing.assert_allclose(np.array(mx.linalg.norm(y, axis=-1)), np.array(mx.linalg.norm(x, axis=-1)), rtol=1e-5)
-        np.testing.assert_allclose(np.array(rope_tail(y, cos, sin, inverse=True)), np.array(x), atol=1e-4)
+        theta = positions[:, None] * rope_inv_freq(c, compressed)[None]  # pair k of the tail by theta_k
+        x0, x1 = np.array(x[..., 448::2]), np.array(x[..., 449::2])
+        cos, sin = np.cos(theta)[:, None], np.sin(theta)[:, None]
+        np.testing.assert_allclose(np.array(y[..., 448::2]), x0 * cos - x1 * sin, atol=1e-4)
+        np.testing.assert_allclose(np.array(y[..., 449::2]), x0 * sin + x1 * cos, atol=1e-4)
+        np.testing.assert_allclose(np.array(rot.apply(y, inverse=True)), np.array(x), atol=1e-4)
 
 
-def test_rope_angles_match_float64_at_any_position():
-    """The device angles (two table lookups and the addition formulas) agree with cos/sin of
+def test_rope_factors_match_float64_at_any_position():
+    """The device factors (two table lookups and the addition formulas) agree with cos/sin of
     p * f computed in float64, up to DS4 Flash's 1M positions."""
-    from ds4.rope import rope_inv_freq
-
     c = ModelConfig()
     positions = np.array([0, 1, 127, 1023, 1024, 4097, 65535, 700_001, (1 << 20) - 1])
     for compressed in (False, True):
-        cos, sin = rope_angles(c, compressed, mx.array(positions, mx.int32))
+        rot = Rotation.at(c, compressed, mx.array(positions, mx.int32), 512)
         theta = positions[:, None].astype(np.float64) * rope_inv_freq(c, compressed)[None]
-        np.testing.assert_allclose(np.array(cos), np.cos(theta), atol=5e-7, rtol=0)
-        np.testing.assert_allclose(np.array(sin), np.sin(theta), atol=5e-7, rtol=0)
+        np.testing.assert_allclose(np.array(rot.cos_row[:, 448::2]), np.cos(theta), atol=5e-7, rtol=0)
+        np.testing.assert_allclose(np.array(rot.sin_row[:, 449::2]), np.sin(theta), atol=5e-7, rtol=0)
+        np.testing.assert_array_equal(np.array(rot.cos_row[:, :448]), 1.0)
 
 
 def test_topk_prefers_lower_index_on_ties():
