@@ -30,7 +30,7 @@ from ds4.config import LayerKind, ModelConfig
 from ds4.layout import TensorSpec, base_optional_specs, base_tensor_specs
 from ds4.loader import ModelFile
 from ds4.moe import moe
-from ds4.numerics import Numerics, rms_norm
+from ds4.numerics import Numerics, iota, rms_norm
 from ds4.quant import ActQuantized, QuantExperts, QuantWeight
 from ds4.rope import table_positions
 from ds4.state import Frontier, LayerState, StepState
@@ -153,11 +153,13 @@ def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig
     weights for HC post."""
     T, M, E = X.shape
     eps = config.hc_eps
-    mix = _normed_mix(X, fn, config.rms_eps)  # [T, 2M + M*M]
-    pre = mx.sigmoid(mix[:, :M] * scale[0:1] + base[:M]) + eps
-    post = 2.0 * mx.sigmoid(mix[:, M:2 * M] * scale[1:2] + base[M:2 * M])
-    comb = sinkhorn((mix[:, 2 * M:] * scale[2:3] + base[2 * M:]).reshape(T, M, M), config.hc_sinkhorn_iters, eps)
-    return HCMix(_mix_streams(pre, X), post, comb)
+    # pre gates, post gates and combine logits in one elementwise pass over the 2M + M*M mix
+    col = iota(2 * M + M * M)
+    z = _normed_mix(X, fn, config.rms_eps) * mx.where(col < M, scale[0:1], mx.where(col < 2 * M, scale[1:2], scale[2:3])) + base
+    gates = mx.where(col < 2 * M, mx.sigmoid(z) * mx.where(col < M, 1.0, 2.0) + mx.where(col < M, eps, 0.0), z)
+    comb = sinkhorn(gates[:, 2 * M:].reshape(T, M, M), config.hc_sinkhorn_iters, eps)
+    return HCMix(_mix_streams(gates[:, :M], X), gates[:, M:2 * M], comb)
+
 
 
 def _normed_mix(X: mx.array, fn, eps: float) -> mx.array:

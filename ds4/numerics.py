@@ -114,7 +114,7 @@ def fp4_e2m1_round(v: mx.array) -> mx.array:
 
     Written as a chain of selects (no table gather) so that a compiled step fuses it."""
     a = mx.abs(v)
-    mag = mx.zeros(a.shape, mx.float32)
+    mag = 0.0
     for i, m in enumerate(_FP4_MIDPOINTS):
         up = (a > m) | (a == m) if (i + 1) % 2 == 0 else a > m
         mag = mx.where(up, _FP4_LEVELS[i + 1], mag)

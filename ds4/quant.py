@@ -348,6 +348,10 @@ class _DeviceBlocks:
         return kernels.lookup("dequant", self.kind)(blocks, self.shape[-1])
 
 
+def _f32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
+
+
 def _to_device(data: np.ndarray) -> mx.array:
     """A host tensor copied to the device and evaluated (the copy no longer needs the host pages)."""
     a = mx.array(np.ascontiguousarray(data))
@@ -369,11 +373,11 @@ class QuantWeight(_DeviceBlocks):
     def grouped(self, x: mx.array) -> mx.array:
         """Block-diagonal product for G row groups: x [T, G, in] -> [T, G, out / G], group g
         times rows g*out/G .. (g+1)*out/G (the grouped low-rank attention output)."""
-        return kernels.lookup("grouped_matmul", self.kind)(self, x.astype(mx.float32))
+        return kernels.lookup("grouped_matmul", self.kind)(self, _f32(x))
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [..., in] -> x @ W.T [..., out], float32."""
-        return kernels.lookup("matmul", self.kind)(self, x.astype(mx.float32))
+        return kernels.lookup("matmul", self.kind)(self, _f32(x))
 
 
 def _matmul_reference(w: QuantWeight, x: mx.array) -> mx.array:
@@ -389,8 +393,8 @@ def _grouped_matmul_reference(w: QuantWeight, x: mx.array) -> mx.array:
     rows = w.shape[0] // G
     if w.bits is not None:
         parts = [a.reshape(G, rows, -1) for a in (w.w_q, w.scales, w.biases)]
-        y = mx.gather_qmm(x[:, :, None, :], *parts, rhs_indices=mx.broadcast_to(iota(G), (T, G)),
-                          transpose=True, group_size=GROUP_SIZE, bits=w.bits)
+        y = mx.gather_qmm(x[:, :, None, :], *parts, lhs_indices=_batch_index((T, G), (T, G)),
+                          rhs_indices=mx.broadcast_to(iota(G), (T, G)), transpose=True, group_size=GROUP_SIZE, bits=w.bits)
         return y.squeeze(-2)
     wt = w._decode().reshape(G, rows, n_in).swapaxes(-1, -2)  # [G, in, rows]
     if kernels.rows_independent():
@@ -426,7 +430,7 @@ class QuantExperts(_DeviceBlocks):
         Returns:
             float32 [M, k, out].
         """
-        return kernels.lookup("gather_matmul", self.kind)(self, x.astype(mx.float32), expert_ids)
+        return kernels.lookup("gather_matmul", self.kind)(self, _f32(x), expert_ids)
 
 
 def unique_experts(expert_ids: mx.array, n_expert: int) -> tuple[mx.array, mx.array]:
@@ -450,15 +454,22 @@ def unique_experts(expert_ids: mx.array, n_expert: int) -> tuple[mx.array, mx.ar
     return experts, slots.reshape(M, k)
 
 
+def _batch_index(batch: tuple[int, ...], shape: tuple[int, ...]) -> mx.array:
+    """Indices into the flattened batch dims `batch` of a gathered product's lhs, broadcast to
+    `shape` (given explicitly, so that MLX does not build them every step)."""
+    return mx.broadcast_to(iota(int(np.prod(batch))).reshape(batch), shape)
+
+
 def _gather_matmul_reference(w: QuantExperts, x: mx.array, expert_ids: mx.array) -> mx.array:
     x = x[:, None, None, :] if x.ndim == 2 else x[:, :, None, :]  # [M, 1 or k, 1, in]
+    lhs = _batch_index(x.shape[:2], expert_ids.shape)
     if w.bits is not None:
-        y = mx.gather_qmm(x, w.w_q, w.scales, w.biases, rhs_indices=expert_ids, transpose=True,
+        y = mx.gather_qmm(x, w.w_q, w.scales, w.biases, lhs_indices=lhs, rhs_indices=expert_ids, transpose=True,
                           group_size=GROUP_SIZE, bits=w.bits)
         return y.squeeze(-2)
     experts, slots = unique_experts(expert_ids, w.n_expert)
     weights = w.dequantize(experts)  # [U, out, in]
-    return mx.gather_mm(x, weights.swapaxes(-1, -2), rhs_indices=slots).squeeze(-2)
+    return mx.gather_mm(x, weights.swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=slots).squeeze(-2)
 
 
 for _qt in SUPPORTED:

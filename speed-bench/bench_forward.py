@@ -38,6 +38,7 @@ def measure(args) -> dict:
     engine = Engine(args.model)
     load_s = time.perf_counter() - t_load
     rss_load = peak_rss_gb()
+    weights_gb = mx.get_active_memory() / 1e9  # what the bound weights hold on the device
     model, c = engine.model, engine.config
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, c.n_vocab, args.prefill).tolist()
@@ -84,6 +85,8 @@ def measure(args) -> dict:
         out[f"verify{m}_over_decode"] = t / decode
     out["peak_rss_gb"] = peak_rss_gb()
     out["peak_rss_over_file"] = out["peak_rss_gb"] / out["file_gb"]
+    out["device_weights_gb"] = weights_gb
+    out["device_peak_gb"] = mx.get_peak_memory() / 1e9  # weights + states + step temporaries
     return out
 
 

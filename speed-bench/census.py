@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures as JSON")
     args = ap.parse_args()
 
+    os.environ["DS4_COMPILE"] = "1"  # count the graph a compiled step launches, on any backend
     import ds4  # noqa: F401  (BLAS choice before mlx.core)
     import mlx.core as mx
     import numpy as np
