@@ -68,7 +68,12 @@ def attend(q: mx.array, shared: mx.array, shared_mask: mx.array, sinks: mx.array
            own: mx.array | None = None, own_mask: mx.array | None = None) -> mx.array:
     """Softmax attention with sinks of q [T, H, D] over rows shared by every query [K1, D]
     (mask [T, K1]) and, optionally, rows of each query's own [T, K2, D] (mask [T, K2]). Every
-    row is key and value; the sink adds mass to the denominator and has no value."""
+    row is key and value; the sink adds mass to the denominator and has no value. Through the
+    kernel table (op "attention")."""
+    return kernels.lookup("attention")(q, shared, shared_mask, sinks, own, own_mask)
+
+
+def _attend_reference(q, shared, shared_mask, sinks, own, own_mask) -> mx.array:
     scale = 1.0 / math.sqrt(q.shape[-1])
     s1 = mx.where(shared_mask[:, None, :], kernels.matmul_rows(q, shared.T) * scale, NEG_INF)
     m = mx.maximum(mx.max(s1, axis=-1, keepdims=True), sinks[None, :, None])
@@ -83,6 +88,23 @@ def attend(q: mx.array, shared: mx.array, shared_mask: mx.array, sinks: mx.array
         denom = denom + mx.sum(p2, axis=-1, keepdims=True)
         out = out + p2 @ own
     return out / denom
+
+
+def _attend_fused(q, shared, shared_mask, sinks, own, own_mask) -> mx.array:
+    """MLX's fused attention with sinks: one kernel on GPUs. Each query is its own batch entry
+    (its keys: the shared rows, then its own)."""
+    T, H, D = q.shape
+    keys, mask = mx.broadcast_to(shared[None], (T, *shared.shape)), shared_mask
+    if own is not None:
+        keys, mask = mx.concatenate([keys, own], axis=1), mx.concatenate([shared_mask, own_mask], axis=1)
+    out = mx.fast.scaled_dot_product_attention(q[:, :, None, :], keys[:, None], keys[:, None],
+                                               scale=1.0 / math.sqrt(D), mask=mask[:, None, None, :], sinks=sinks)
+    return out[:, :, 0, :]
+
+
+kernels.register_reference("attention", _attend_reference)
+for _device in ("metal", "cuda"):
+    kernels.register("attention", None, _device, _attend_fused)
 
 
 def _indexer_scores(w, config: ModelConfig, a: mx.array, qn: mx.array, rotation: Rotation,

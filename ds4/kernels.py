@@ -31,10 +31,14 @@ KERNELS_METAL = Path(__file__).resolve().parent / "kernels_metal"
 _REFERENCE: dict[tuple[str, str | None], Callable] = {}
 _FAST: dict[tuple[str, str | None, str], Callable] = {}
 _ROW_INVARIANT = contextvars.ContextVar("ds4_row_invariant", default=False)
+_DEVICE = contextvars.ContextVar("ds4_kernel_device", default=None)
 
 
 def device_kind() -> str:
-    """The backend the default device runs on: "metal", "cuda" or "cpu"."""
+    """The backend the default device runs on: "metal", "cuda" or "cpu" (or what `as_device`
+    says while it is active)."""
+    if _DEVICE.get() is not None:
+        return _DEVICE.get()
     if mx.default_device() == mx.cpu:
         return "cpu"
     if mx.metal.is_available():
@@ -87,6 +91,17 @@ def table() -> list[tuple[str, str | None, str]]:
     """Every (op, qtype, device) entry: "reference" rows and the registered fast paths."""
     rows = [(op, qt, "reference") for op, qt in _REFERENCE]
     return sorted(rows + list(_FAST), key=lambda r: (r[0], r[1] or "", r[2]))
+
+
+@contextmanager
+def as_device(kind: str):
+    """Pick table entries as on another backend while building graphs (the census counts a
+    GPU's launches on the CPU this way; entries that need the device itself cannot run)."""
+    token = _DEVICE.set(kind)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
 
 
 @contextmanager

@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--position", type=int, default=600, help="tokens before the step")
     ap.add_argument("--tokens", type=int, default=1, help="rows in the step (1 = decode, 2..17 = verify)")
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--as", dest="as_device", choices=["cpu", "metal", "cuda"],
+                    help="pick kernel-table entries as on this backend (default: the one running)")
     ap.add_argument("--json", help="also write the figures as JSON")
     args = ap.parse_args()
 
@@ -143,8 +145,14 @@ def main() -> None:
     state.store.record(0, prompt[:args.position])
     step_tokens = prompt[args.position:]
 
-    total = kernel_counts(model.step(step_tokens, state, all_logits=args.tokens > 1).arrays())
-    parts = component_census(model, step_tokens, state)
+    from contextlib import nullcontext
+
+    from ds4 import kernels
+
+    with kernels.as_device(args.as_device) if args.as_device else nullcontext():
+        model._compiled.clear()
+        total = kernel_counts(model.step(step_tokens, state, all_logits=args.tokens > 1).arrays())
+        parts = component_census(model, step_tokens, state)
     per_layer, i = [], 0
     for il in range(c.n_layer):
         layer = parts[i:i + 6]
@@ -156,7 +164,8 @@ def main() -> None:
     head = sum(n for name, n in parts[i:] if name == "head")
 
     n_total = sum(total.values())
-    print(f"census: {Path(path).name}, {args.backend}, {args.tokens}-row step at position {args.position}")
+    table = f" (kernel table as on {args.as_device})" if args.as_device else ""
+    print(f"census: {Path(path).name}, {args.backend}{table}, {args.tokens}-row step at position {args.position}")
     print(f"kernels per step: {n_total} ({n_total / c.n_layer:.1f} per layer incl. head); "
           f"fused regions {total['fused region']}")
     print("by primitive: " + ", ".join(f"{k} {v}" for k, v in total.most_common()))

@@ -395,3 +395,25 @@ def test_layer_kinds_follow_the_compression_pattern():
     c = ModelConfig(n_layer=6)
     assert [c.layer_kind(il) for il in range(6)] == [LayerKind.SLIDING, LayerKind.SLIDING, LayerKind.INDEXED,
                                                       LayerKind.COMPRESSED, LayerKind.INDEXED, LayerKind.COMPRESSED]
+
+
+def test_fused_attention_entry_matches_the_reference():
+    """The GPU entry of the kernel table's "attention" op (MLX's fused attention with sinks; on
+    the CPU its op fallback runs) computes what the reference computes."""
+    import ds4.attention as A
+
+    rng = np.random.default_rng(9)
+    T, H, D, W, R, k = 3, 4, 32, 6, 40, 8
+    q = mx.array(rng.standard_normal((T, H, D)).astype(np.float32))
+    shared = mx.array(rng.standard_normal((W, D)).astype(np.float32))
+    rows = mx.array(rng.standard_normal((R, D)).astype(np.float32))
+    sinks = mx.array(rng.standard_normal(H).astype(np.float32))
+    shared_mask = mx.array(rng.random((T, W)) < 0.7)
+    picked = mx.array(np.sort(np.stack([rng.choice(R, k, replace=False) for _ in range(T)]), axis=1))
+    own_mask = mx.array(rng.random((T, k)) < 0.8)
+    for own, mask in ((None, None), (rows[picked], own_mask)):
+        ref = np.array(A._attend_reference(q, shared, shared_mask, sinks, own, mask))
+        fused = np.array(A._attend_fused(q, shared, shared_mask, sinks, own, mask))
+        np.testing.assert_allclose(fused, ref, atol=1e-5, rtol=1e-5)
+    assert kernels.lookup("attention", device="metal") is A._attend_fused
+    assert kernels.lookup("attention", device="cpu") is A._attend_reference
