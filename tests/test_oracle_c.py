@@ -104,7 +104,7 @@ def test_logits_match_the_c_engine(slice_path, act_quant, limit):
 # everywhere. The C engine's two paths differ by 0.06-0.08 up to 71 tokens and by 0.50 after 72.
 @pytest.mark.parametrize("act_quant, limit", [(False, 0.35), (True, 0.2)])
 def test_teacher_forced_decode_matches_the_c_engine_seed_99(slice_s99_path, act_quant, limit):
-    from ds4.attention import Numerics
+    from ds4.numerics import Numerics
     from ds4.session import Engine, Session
 
     r = json.loads((ORACLE_S99 / "results.json").read_text())["prompts"]["p64_rand"]
