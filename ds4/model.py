@@ -18,7 +18,7 @@ that: those steps trace under `kernels.row_invariant()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import mlx.core as mx
 import numpy as np
@@ -121,17 +121,17 @@ def _slice_sum(x: mx.array, axis: int) -> mx.array:
 
 def sinkhorn(logits: mx.array, iters: int, eps: float) -> mx.array:
     """The combine matrix from its logits [T, M, M]: row softmax + eps, then column
-    normalisation, then iters - 1 rounds of row and column normalisation, each multiplying by
-    1 / (sum + eps) as ds4 does. Through the kernel table (op "sinkhorn")."""
+    normalisation, then iters - 1 rounds of row and column normalisation, each dividing by
+    (sum + eps). Through the kernel table (op "sinkhorn")."""
     return kernels.lookup("sinkhorn")(logits, iters, eps)
 
 
 def _sinkhorn_reference(logits: mx.array, iters: int, eps: float) -> mx.array:
     c = mx.softmax(logits, axis=-1, precise=True) + eps
-    c = c * (1.0 / (mx.sum(c, axis=-2, keepdims=True) + eps))
+    c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
     for _ in range(iters - 1):
-        c = c * (1.0 / (mx.sum(c, axis=-1, keepdims=True) + eps))
-        c = c * (1.0 / (mx.sum(c, axis=-2, keepdims=True) + eps))
+        c = c / (mx.sum(c, axis=-1, keepdims=True) + eps)
+        c = c / (mx.sum(c, axis=-2, keepdims=True) + eps)
     return c
 
 
@@ -143,11 +143,11 @@ def _sinkhorn_fused(logits: mx.array, iters: int, eps: float) -> mx.array:
     for j in range(1, logits.shape[2]):
         top = mx.maximum(top, logits[:, :, j:j + 1])
     e = mx.exp(logits - top)
-    c = e * (1.0 / _slice_sum(e, 2)) + eps
-    c = c * (1.0 / (_slice_sum(c, 1) + eps))
+    c = e / _slice_sum(e, 2) + eps
+    c = c / (_slice_sum(c, 1) + eps)
     for _ in range(iters - 1):
-        c = c * (1.0 / (_slice_sum(c, 2) + eps))
-        c = c * (1.0 / (_slice_sum(c, 1) + eps))
+        c = c / (_slice_sum(c, 2) + eps)
+        c = c / (_slice_sum(c, 1) + eps)
     return c
 
 
@@ -174,12 +174,23 @@ def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig
     T, M, E = X.shape
     eps = config.hc_eps
     # pre gates, post gates and combine logits in one elementwise pass over the 2M + M*M mix
-    col = iota(2 * M + M * M)
-    z = _normed_mix(X, fn, config.rms_eps) * mx.where(col < M, scale[0:1], mx.where(col < 2 * M, scale[1:2], scale[2:3])) + base
-    gates = mx.where(col < 2 * M, mx.sigmoid(z) * mx.where(col < M, 1.0, 2.0) + mx.where(col < M, eps, 0.0), z)
+    columns, is_gate, gate_mul, gate_add = _gate_constants(M, eps)
+    z = _normed_mix(X, fn, config.rms_eps) * (scale @ columns) + base
+    gates = mx.where(is_gate, mx.sigmoid(z) * gate_mul + gate_add, z)
     comb = sinkhorn(gates[:, 2 * M:].reshape(T, M, M), config.hc_sinkhorn_iters, eps)
     return HCMix(_mix_streams(gates[:, :M], X), gates[:, M:2 * M], comb)
 
+
+@cache
+def _gate_constants(M: int, eps: float) -> tuple[mx.array, ...]:
+    """Per mix column: which of the 3 scales applies (one-hot [3, 2M + M*M]), whether it is a
+    gate, and the gate's affine map: pre = sigmoid + eps, post = 2 sigmoid."""
+    kind = np.repeat([0, 1, 2], [M, M, M * M])
+    out = (np.eye(3, dtype=np.float32)[:, kind], kind < 2, np.where(kind == 0, 1.0, 2.0).astype(np.float32),
+           np.where(kind == 0, eps, 0.0).astype(np.float32))
+    arrays = tuple(mx.array(a) for a in out)
+    mx.eval(*arrays)
+    return arrays
 
 
 def _normed_mix(X: mx.array, fn, eps: float) -> mx.array:

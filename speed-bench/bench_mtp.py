@@ -26,10 +26,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
+    import ds4  # before mlx.core: the BLAS choice
     import mlx.core as mx
     import numpy as np
-
-    import ds4
     from ds4.generate import generate, generate_speculative
     from ds4.session import Engine, Sampler, Session
     from ds4.speculative import SpecOptions, SpecStats
