@@ -33,7 +33,7 @@ from ds4.moe import moe
 from ds4.numerics import Numerics, iota, rms_norm
 from ds4.quant import ActQuantized, QuantExperts, QuantWeight
 from ds4.rope import table_positions
-from ds4.state import Frontier, LayerState, StepState
+from ds4.state import Frontier, LayerState, RowStore, StepState
 
 MAX_VERIFY_ROWS = 17  # decode and verify widths (1 + up to 16 drafts): traced row-invariant
 MIN_BUCKET = 256  # smallest position bucket
@@ -352,8 +352,6 @@ class Model:
 
     def empty_state(self, ctx: int, max_chunk: int) -> StepState:
         """A state before the first token, with a fresh row store for a context of `ctx`."""
-        from ds4.state import RowStore
-
         return StepState.empty(self.config, ctx, RowStore(self.config, ctx, max_chunk))
 
     def step(self, tokens, state: StepState, all_logits: bool = False, compiled: bool = True) -> StepOut:

@@ -133,6 +133,7 @@ def test_speculation_commits_several_tokens_per_pass_on_copy(engine, corpus):
     assert stats.trunk_passes / stats.committed < 0.7
 
 
+@pytest.mark.slow  # `make oracle`, which CI runs after `make test`, runs these checks and one more
 def test_ds4_test_oracles_pass_on_the_embedded_model(tmp_path):
     assert EMBEDDED_VECTORS.exists()
     r = run("ds4.oracle", "--logprob-vectors", "--mtp-verify-depth", "--cont-argmax-gap", cwd=tmp_path)
