@@ -24,7 +24,6 @@ committed tokens; rejected rows leave nothing behind (caches are immutable value
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -234,17 +233,6 @@ class AdaptiveGate:
             self.spec.clear()
         else:
             self.cooldown = self.base_cooldown
-
-
-def json_logger(path: str) -> Callable[[dict], None]:
-    """`--mtp-log FILE`: one JSON line per cycle."""
-    f = open(path, "w")
-
-    def log(record: dict) -> None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-    return log
 
 
 def replay_gaps(session: Session, prompt: list[int], committed: list[int]) -> list[float]:
