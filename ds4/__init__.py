@@ -14,12 +14,22 @@ def _preload_blas() -> str | None:
     with global symbol scope before `mlx.core` makes the dynamic linker bind MLX's `cblas_*`
     calls to it; results differ only in float summation order. DS4_BLAS=/path/lib.so picks the
     library, DS4_BLAS=none keeps the bundled one. macOS MLX uses Accelerate: nothing to do.
+
+    A DS4_BLAS library that cannot be loaded is a warning on stderr, not an error: the bundled
+    BLAS computes the same results, only slower, and this runs at import, also for library users.
     """
     choice = os.environ.get("DS4_BLAS", "")
     if sys.platform == "darwin" or choice == "none" or "mlx.core" in sys.modules:
         return None
-    candidates = [choice] if choice else [ctypes.util.find_library("openblas"), "libopenblas.so.0"]
-    for lib in filter(None, candidates):
+    if choice:
+        try:
+            ctypes.CDLL(choice, mode=ctypes.RTLD_GLOBAL)
+            return choice
+        except OSError as e:
+            sys.stderr.write(f"ds4: warning: DS4_BLAS={choice}: cannot load it ({e}); "
+                             "using MLX's bundled BLAS\n")
+            return None
+    for lib in filter(None, [ctypes.util.find_library("openblas"), "libopenblas.so.0"]):
         try:
             ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
             return lib

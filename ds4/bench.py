@@ -10,6 +10,7 @@ committed tokens per cycle, trunk passes per token).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -19,6 +20,8 @@ import click
 
 from ds4.atomic import atomic_write
 from ds4.errors import Ds4Error
+from ds4.frontend import OUTPUT_HELP, UTF8_TEXT, FiniteFloat, run_click
+from ds4.textfile import read_text
 
 HEADER = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes"
 MTP_HEADER = ",mtp_accept_k0,mtp_tokens_per_cycle,mtp_trunk_passes_per_token"
@@ -88,20 +91,22 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
 @click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="raw text, no chat template")
 @click.option("--chat-prompt-file", type=click.Path(dir_okay=False, exists=True),
               help="the file as one no-thinking chat user message")
-@click.option("-sys", "--system", default=BENCH_SYSTEM, show_default=True, help="with --chat-prompt-file")
+@click.option("-sys", "--system", type=UTF8_TEXT, default=BENCH_SYSTEM, show_default=True,
+              help="with --chat-prompt-file")
 @click.option("--ctx-start", type=click.IntRange(min=1), default=2048, show_default=True)
 @click.option("--ctx-max", type=click.IntRange(min=1), default=32768, show_default=True)
 @click.option("--ctx-alloc", type=click.IntRange(min=2), help="context allocated (default ctx-max + gen-tokens + 1)")
 @click.option("--step-incr", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--step-mul", type=click.FloatRange(min=1), default=1.0, show_default=True)
+@click.option("--step-mul", type=FiniteFloat(min=1), default=1.0, show_default=True)
 @click.option("-n", "--gen-tokens", "--tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="output CSV (default stdout)")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help=f"output CSV (default stdout; {OUTPUT_HELP})")
 @click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]))
 @click.option("--prefill-chunk", type=click.IntRange(min=1))
 @click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="bench speculative generation")
 @click.option("--mtp-draft", type=click.IntRange(1, 16), help="drafts per cycle (default 1)")
 @click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 (same as --mtp-draft 1)")
-@click.option("--mtp-margin", type=click.FloatRange(0, 1000),
+@click.option("--mtp-margin", type=FiniteFloat(0, 1000),
               help="draft confidence margin (default: the MTP file's, else 3.0)")
 def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max, ctx_alloc, step_incr, step_mul,
           gen_tokens, csv_path, backend, prefill_chunk, mtp_path, mtp_draft, mtp_continuous, mtp_margin):
@@ -125,8 +130,10 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     model_path = choice.path
     mtp_path = choice.mtp(mtp_path, mtp_draft is not None or mtp_continuous)
     model_file = open_model(model_path)
+    if problem := model_file.config.context_problem(ctx_alloc):
+        raise Ds4Error(f"--ctx-alloc: {problem}")
     tok = model_file.tokenizer()
-    text = open(prompt_file or chat_prompt_file, encoding="utf-8").read()
+    text = read_text(prompt_file or chat_prompt_file, "prompt file")
     prompt = tok.encode(text) if prompt_file else render_prompt(tok, text, system, ThinkMode.NONE)
     if len(prompt) < ctx_max:
         raise Ds4Error(f"{prompt_file or chat_prompt_file}: the prompt has {len(prompt)} tokens, "
@@ -150,8 +157,9 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("csv_files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("-o", "--out", help="output stem (default: the first CSV's name + _ts); writes .svg and .png")
-@click.option("--title", default="ds4-bench", show_default=True)
+@click.option("-o", "--out",
+              help=f"output stem (default: the first CSV's name + _ts); writes .svg and .png ({OUTPUT_HELP})")
+@click.option("--title", type=UTF8_TEXT, default="ds4-bench", show_default=True)
 def plot(csv_files, out, title):
     """Prefill and generation tokens/s against context, one line per CSV, on two y axes."""
     try:
@@ -164,16 +172,11 @@ def plot(csv_files, out, title):
     fig, ax_prefill = plt.subplots(figsize=(9, 5))
     ax_gen = ax_prefill.twinx()
     for i, path in enumerate(csv_files):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not set(HEADER.split(",")) <= set(rows[0]):
-            raise Ds4Error(f"{path}: not a ds4-bench CSV, expected the header {HEADER}")
-        ctx = [int(r["ctx_tokens"]) for r in rows]
+        ctx, prefill, gen = read_sweep_csv(path)
         label = os.path.splitext(os.path.basename(path))[0]
         color = f"C{i}"
-        ax_prefill.plot(ctx, [float(r["prefill_tps"]) for r in rows], color=color, marker="o", label=f"{label} prefill")
-        ax_gen.plot(ctx, [float(r["gen_tps"]) for r in rows], color=color, marker="s", linestyle="--",
-                    label=f"{label} generation")
+        ax_prefill.plot(ctx, prefill, color=color, marker="o", label=f"{label} prefill")
+        ax_gen.plot(ctx, gen, color=color, marker="s", linestyle="--", label=f"{label} generation")
     ax_prefill.set_ylim(bottom=0)
     ax_gen.set_ylim(bottom=0)
     ax_prefill.set_xlabel("context tokens")
@@ -186,15 +189,31 @@ def plot(csv_files, out, title):
     fig.tight_layout()
     stem = out or os.path.splitext(csv_files[0])[0] + "_ts"
     for ext in ("svg", "png"):
-        fig.savefig(f"{stem}.{ext}")
+        with atomic_write(f"{stem}.{ext}") as f:
+            fig.savefig(f, format=ext)
     click.echo(f"wrote {stem}.svg and {stem}.png", err=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ds4.cli import run_command
+def read_sweep_csv(path: str) -> tuple[list[int], list[float], list[float]]:
+    """(ctx_tokens, prefill_tps, gen_tps) of a ds4-bench CSV; a Ds4Error names a bad row."""
+    text = read_text(path, "ds4-bench CSV").removeprefix("\ufeff")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    if not rows or not set(HEADER.split(",")) <= set(rows[0]):
+        raise Ds4Error(f"{path}: not a ds4-bench CSV, expected the header {HEADER}")
+    ctx, prefill, gen = [], [], []
+    for line, r in enumerate(rows, 2):
+        try:  # a short row reads as None (TypeError), a bad cell fails the conversion
+            ctx.append(int(r["ctx_tokens"]))
+            prefill.append(float(r["prefill_tps"]))
+            gen.append(float(r["gen_tps"]))
+        except (TypeError, ValueError):
+            raise Ds4Error(f"{path}:{line}: malformed row, expected numbers under {HEADER}") from None
+    return ctx, prefill, gen
 
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
-        run_command(plot, argv[1:], "ds4-bench plot")
+        run_click(plot, argv[1:], "ds4-bench plot")
     else:
-        run_command(sweep, argv, "ds4-bench")
+        run_click(sweep, argv, "ds4-bench")

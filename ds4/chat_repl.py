@@ -7,11 +7,15 @@ always agree. Ctrl+C at the prompt or Ctrl+D leaves.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ds4.chat import ChatTranscript, ThinkMode, think_mode_for_context
+from ds4.errors import Ds4Error
 from ds4.generate import GenerationStats, ThinkPrinter, generate
 from ds4.session import Sampler, Session
+from ds4.textfile import read_text, undecodable
 
 HELP = """commands:
   /help            this text
@@ -27,6 +31,9 @@ Ctrl+C stops a reply."""
 def run_repl(session: Session, tok, system: str, think: ThinkMode, max_tokens: int, sampler: Sampler) -> None:
     transcript = ChatTranscript(tok, system, think)
     click.echo(HELP, err=True)
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 arrive as surrogates instead of ending the chat: that line is refused below.
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("ds4> ")
@@ -36,6 +43,10 @@ def run_repl(session: Session, tok, system: str, think: ThinkMode, max_tokens: i
         except KeyboardInterrupt:
             click.echo("", err=True)
             return
+        problem = undecodable(line)
+        if problem:
+            click.echo(f"ds4: that line is not UTF-8 text ({problem}); not sent", err=True)
+            continue
         text = line
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
@@ -63,15 +74,18 @@ def run_repl(session: Session, tok, system: str, think: ThinkMode, max_tokens: i
                 except ValueError:
                     click.echo(f"ds4: /ctx needs a number >= 16, got {arg!r}", err=True)
                     continue
+                if problem := session.config.context_problem(ctx):
+                    click.echo(f"ds4: /ctx: {problem}", err=True)
+                    continue
                 session = Session(session.engine, ctx, None)
                 transcript = ChatTranscript(tok, system, think)
                 click.echo(f"ds4: context {ctx} tokens; new conversation", err=True)
                 continue
             if cmd == "/read":
                 try:
-                    text = open(arg.strip(), encoding="utf-8").read()
-                except OSError as e:
-                    click.echo(f"ds4: cannot read {arg.strip()!r}: {e.strerror}", err=True)
+                    text = read_text(arg.strip(), "/read file")
+                except Ds4Error as e:
+                    click.echo(f"ds4: {e}; the conversation goes on", err=True)
                     continue
             else:
                 click.echo(f"ds4: unknown command {cmd} (try /help)", err=True)

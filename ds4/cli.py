@@ -1,8 +1,5 @@
-"""The `ds4` command line.
-
-Every user-facing failure is a `Ds4Error` turned into one `ds4: <message>` line on stderr and exit
-status 1 here, and nowhere else; click's usage errors exit 2.
-"""
+"""The `ds4` command line. Errors become one `ds4: ...` line and an exit status in
+`ds4.frontend`, the boundary every ds4 command shares."""
 
 from __future__ import annotations
 
@@ -12,15 +9,17 @@ import sys
 
 import click
 
-from ds4.atomic import atomic_write
+from ds4.atomic import atomic_write, json_lines_log
 from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
 from ds4.errors import Ds4Error
-from ds4.generate import ThinkPrinter, generate, generate_speculative
+from ds4.frontend import OUTPUT_HELP, SEED, UTF8_TEXT, FiniteFloat, run_click
 from ds4.config import LayerKind
+from ds4.generate import ThinkPrinter, generate, generate_speculative
 from ds4.loader import DS4FLASH, choose_model, open_model, open_mtp
 from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
-from ds4.speculative import SpecOptions, SpecStats, json_logger
+from ds4.speculative import SpecOptions, SpecStats
+from ds4.textfile import read_text
 
 
 def format_inspect(model, mtp=None) -> str:
@@ -76,11 +75,13 @@ def _select_backend(backend: str | None) -> str:
 
 
 def _read_prompt_tokens(path: str, n_vocab: int) -> list[int]:
+    text = read_text(path, "prompt tokens")
     try:
-        ids = json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise Ds4Error(f"{path}: cannot read prompt tokens: {e}, expected a JSON list of token ids") from None
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < n_vocab for i in ids):
+        ids = json.loads(text)
+    except ValueError as e:
+        raise Ds4Error(f"{path}: prompt tokens are not JSON ({e}), expected a JSON list of token ids") from None
+    # `type(i) is int`: JSON true/false are Python bools, which isinstance(.., int) would take as 1/0.
+    if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < n_vocab for i in ids):
         raise Ds4Error(f"{path}: prompt tokens must be a non-empty JSON list of ids in 0..{n_vocab - 1}")
     return ids
 
@@ -94,35 +95,38 @@ THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": 
 @click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False),
               help="MTP support GGUF (the embedded model brings its own)")
 @click.option("--inspect", is_flag=True, help="validate the model file(s), print a summary and exit")
-@click.option("-p", "--prompt", help="one-shot prompt (no prompt: interactive chat)")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="read the prompt from a file")
+@click.option("-p", "--prompt", type=UTF8_TEXT, help="one-shot prompt (no prompt: interactive chat)")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True), help="read the prompt from a UTF-8 file")
 @click.option("--prompt-tokens", type=click.Path(dir_okay=False, exists=True),
               help="a JSON list of token ids fed as-is (no chat template)")
 @click.option("-n", "--tokens", "n_tokens", type=click.IntRange(min=1), default=50000, show_default=True,
               help="tokens to generate (clamped to the context left)")
-@click.option("--temp", type=click.FloatRange(0, 100), default=1.0, show_default=True, help="temperature; 0 = greedy")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--temp", type=FiniteFloat(0, 100), default=1.0, show_default=True, help="temperature; 0 = greedy")
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off")
-@click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True, help="relative to the top token")
-@click.option("--seed", type=click.IntRange(min=0), help="sampling seed (default: random)")
+@click.option("--min-p", type=FiniteFloat(0, 1), default=0.05, show_default=True, help="relative to the top token")
+@click.option("--seed", type=SEED, help="sampling seed (default: random)")
 @click.option("-c", "--ctx", type=click.IntRange(min=16), default=DEFAULT_CTX, show_default=True, help="context size")
-@click.option("-sys", "--system", default=DEFAULT_SYSTEM, show_default=True, help='system prompt ("" for none)')
+@click.option("-sys", "--system", type=UTF8_TEXT, default=DEFAULT_SYSTEM, show_default=True,
+              help='system prompt ("" for none)')
 @click.option("--think", "think", flag_value="think", default=True, help="thinking on (default)")
 @click.option("--nothink", "think", flag_value="nothink", help="thinking off")
 @click.option("--think-max", "think", flag_value="think_max", help="maximum reasoning effort (needs ctx >= 393216)")
 @click.option("--dump-tokens", is_flag=True, help="print the prompt's tokens (rendered-chat tokenization) and exit")
-@click.option("--dump-logprobs", type=click.Path(dir_okay=False), help="write a greedy JSON dump of top logprobs")
+@click.option("--dump-logprobs", type=click.Path(dir_okay=False),
+              help=f"write a greedy JSON dump of top logprobs ({OUTPUT_HELP})")
 @click.option("--logprobs-top-k", type=click.IntRange(1, 128), default=20, show_default=True)
 @click.option("--prefill-chunk", type=click.IntRange(min=1), help="prefill chunk size (default 2048, or ctx if smaller)")
 @click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]), help="default: the best available")
 @click.option("--mtp-draft", type=click.IntRange(1, 16), help="MTP drafts per cycle (default 1: continuous depth-1)")
-@click.option("--mtp-margin", type=click.FloatRange(0, 1000),
+@click.option("--mtp-margin", type=FiniteFloat(0, 1000),
               help="keep drafting only while the MTP top1-top2 logit margin is at least this (0: off; "
                    "default: the MTP file's ds4.mtp.draft_margin, else 3.0)")
 @click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 cycle (the default with --mtp)")
 @click.option("--mtp-fast-verify", is_flag=True, help="always verify in one batched pass (near-greedy)")
 @click.option("--quality", is_flag=True, help="exact kernels and the exact MTP verifier")
-@click.option("--mtp-log", type=click.Path(dir_okay=False), help="write one JSON line per speculative cycle")
+@click.option("--mtp-log", type=click.Path(dir_okay=False),
+              help="write one JSON line per speculative cycle (as it runs, in place: through symlinks and devices)")
 @click.option("--mtp-adaptive/--no-mtp-adaptive", default=True, show_default=True,
               help="fall back to plain decode while speculation does not pay")
 @click.option("--act-quant", is_flag=True,
@@ -134,7 +138,7 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
     if sum(x is not None for x in (prompt, prompt_file, prompt_tokens)) > 1:
         raise click.UsageError("give only one of -p, --prompt-file and --prompt-tokens")
     if prompt_file is not None:
-        prompt = open(prompt_file, encoding="utf-8", newline="").read()
+        prompt = read_text(prompt_file, "prompt file")
     choice = choose_model(model_path)
     if choice.notice:
         click.echo(f"ds4: {choice.notice}", err=True)
@@ -162,6 +166,8 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
         ids = render_prompt(tok, prompt, system, think_mode)
     else:
         ids = None
+    if problem := model_file.config.context_problem(ctx):
+        raise Ds4Error(f"--ctx: {problem}")
     if ids is not None and len(ids) >= ctx:
         raise Ds4Error(f"prompt of {len(ids)} tokens exceeds the context of {ctx} tokens (raise --ctx)")
     backend = _select_backend(backend)
@@ -200,7 +206,7 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
         emit = lambda t: printer.write(stream.push(t))  # noqa: E731
         if speculate:
             err = lambda line: click.echo(line, err=True)  # noqa: E731
-            spec_stats = SpecStats(log=json_logger(mtp_log) if mtp_log else None,
+            spec_stats = SpecStats(log=json_lines_log(mtp_log) if mtp_log else None,
                                    spec_log=err if os.environ.get("DS4_MTP_SPEC_LOG") else None,
                                    conf_log=err if os.environ.get("DS4_MTP_CONF_LOG") else None)
             stats = generate_speculative(session, ids, n_tokens, tok.eos_id, spec, spec_stats, emit,
@@ -253,21 +259,5 @@ def _dump_logprobs(session: Session, tok, ids: list[int], n_tokens: int, top_k: 
     click.echo(stats.line(), err=True)
 
 
-def run_command(command: click.Command, args: list[str] | None, prog_name: str) -> None:
-    """Run a click command the way every ds4 front end does: a Ds4Error is one `<prog>: <message>`
-    line and exit 1, usage errors exit 2, Ctrl+C exits 130; never a traceback."""
-    try:
-        command.main(args=args, prog_name=prog_name, standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except Ds4Error as e:
-        click.echo(f"{prog_name.split()[0]}: {e}", err=True)
-        sys.exit(1)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo(f"{prog_name.split()[0]}: interrupted", err=True)
-        sys.exit(130)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_command(cli, argv, "ds4")
+    run_click(cli, argv, "ds4")

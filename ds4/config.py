@@ -22,6 +22,7 @@ from ds4.gguf import FLOAT_TYPES, INTEGER_TYPES, GGUFFile, ValueType, type_name
 ARCH = "deepseek4"
 
 FP8_BLOCK = 64  # the non-RoPE part of every KV row is FP8 round-tripped in blocks of 64
+MAX_WINDOW = 8192  # sliding-window rows: the raw ring's largest size (ModelConfig.raw_cap)
 
 
 def layer_compress_ratio(il: int) -> int:
@@ -187,6 +188,13 @@ class ModelConfig:
     def is_hash_layer(self, il: int) -> bool:
         return il < self.n_hash_layer
 
+    def context_problem(self, ctx: int) -> str | None:
+        """Why sessions of `ctx` tokens cannot be made for this model (None: they can): beyond the
+        model's context length its buffers are only a way to exhaust memory."""
+        if self.context_length and ctx > self.context_length:
+            return f"a context of {ctx} tokens exceeds the model's {self.context_length} ({CONTEXT_LENGTH_KEY})"
+        return None
+
     # -- KV cache sizes (forward doc §6, layout doc §11.2; all cache rows are float32) -----------
 
     def kv_bytes_per_token(self) -> float:
@@ -295,6 +303,9 @@ class ModelConfig:
              f"key_length - rope dims a multiple of {FP8_BLOCK} (FP8 blocks)")
         need(self.n_head % self.n_out_group == 0, "n_out_group", f"a divisor of head_count {self.n_head}")
         need(self.n_expert_used <= self.n_expert, "n_expert_used", f"at most expert_count {self.n_expert}")
+        # Not tied to a tensor shape, so not bounded by the file's size: every layer allocates
+        # this many raw KV rows whatever the context.
+        need(self.n_swa <= MAX_WINDOW, "n_swa", f"at most {MAX_WINDOW} (DS4 Flash: 128)")
         ihd = self.indexer_head_dim
         need(ihd >= max(32, self.n_rot) and ihd & (ihd - 1) == 0, "indexer_head_dim",
              f"a power of two >= 32 and >= rope dims {self.n_rot} (Hadamard rotation, FP4 blocks of 32, RoPE tail)")

@@ -6,6 +6,13 @@ expected); only the command-line front ends turn them into `ds4: <message>` and 
 
 from __future__ import annotations
 
+# Control characters (a newline in a token string or a file name) escaped, so a message stays one line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t", 127: "\\x7f"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_ESCAPES)
+
 
 class Ds4Error(Exception):
     """Any error the user can act on; `str(err)` is a complete one-line message."""
@@ -22,7 +29,7 @@ class GGUFError(Ds4Error):
         self.what = what
         self.expected = expected
         msg = f"{self.path}: {what}" + (f", expected {expected}" if expected is not None else "")
-        super().__init__(msg)
+        super().__init__(one_line(msg))
 
 
 class QuantError(Ds4Error):

@@ -34,14 +34,14 @@ class ThinkPrinter:
 
     GREY, RESET = "\x1b[90m", "\x1b[0m"
 
-    def __init__(self, thinking: bool, out=sys.stdout):
-        self.out = out
+    def __init__(self, thinking: bool, out=None):
+        self.out = sys.stdout if out is None else out  # the stdout of now, not of import time
         self.in_think = thinking
-        self.color = out.isatty()
+        self.color = self.out.isatty()
         self.pending = ""
         self.last = "\n"
         if self.in_think and self.color:
-            out.write(self.GREY)
+            self.out.write(self.GREY)
 
     def write(self, text: str) -> None:
         text = self.pending + text

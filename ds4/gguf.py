@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -30,6 +31,7 @@ from ds4.errors import GGUFError
 GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
+MIN_ALIGNMENT = 8
 MAX_DIMS = 8
 MAX_ARRAY_NESTING = 8
 
@@ -73,6 +75,14 @@ _TYPED_TENSORS = {
     GGMLQuantizationType.F16: np.dtype("<f2"),
     GGMLQuantizationType.I32: np.dtype("<i4"),
 }
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "another kind of file"
 
 
 def type_name(value_type: int) -> str:
@@ -223,12 +233,20 @@ class GGUFFile:
         self.path = str(path)
         self._mmap = None
         try:
-            with open(self.path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
+            # Non-blocking, so a FIFO given as the model is refused instead of waiting for a writer.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise GGUFError(self.path, f"not a regular file ({_file_kind(st.st_mode)})",
+                                    "a GGUF file (it is memory-mapped)")
+                self.size = st.st_size
                 if self.size < 24:
                     raise GGUFError(self.path, f"file is too small to be GGUF ({self.size} bytes)",
                                     "at least a 24-byte header")
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise GGUFError(self.path, f"cannot open model: {e.strerror or e}") from None
         self.buffer = memoryview(self._mmap)
@@ -260,14 +278,16 @@ class GGUFFile:
         if "general.alignment" in self.fields:
             field = self.fields["general.alignment"]
             align = self.get("general.alignment")
-            if field.type != ValueType.UINT32 or align <= 0 or align & (align - 1):
+            # The GGUF spec asks for a multiple of 8, which also aligns every element type (f32, i32).
+            if field.type != ValueType.UINT32 or align < MIN_ALIGNMENT or align & (align - 1):
                 raise GGUFError(self.path, f"bad general.alignment {align!r} ({type_name(field.type)})",
-                                "a power of two stored as uint32")
+                                f"a power of two >= {MIN_ALIGNMENT} stored as uint32")
             self.alignment = align
         infos = [self._parse_tensor_info(cur) for _ in range(n_tensors)]
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         for name, dims, qtype, rel in infos:
             self._add_tensor(name, dims, qtype, rel)
+        self._check_overlaps()
 
     def _parse_field(self, cur: _Cursor) -> None:
         key_at = cur.pos
@@ -349,6 +369,9 @@ class GGUFFile:
             if dims[0] % block:
                 raise GGUFError(self.path, f"tensor {name} row length {dims[0]} is not a multiple of "
                                 f"the {qtype_name(qtype)} block", f"a multiple of {block}")
+        if rel % self.alignment:
+            raise GGUFError(self.path, f"{name}: data offset {rel} is not aligned",
+                            f"a multiple of general.alignment {self.alignment}")
         offset = self.data_offset + rel
         # An unknown type gets size 0 here; the layout check rejects it if the model needs it.
         if offset + (n_bytes or 0) > self.size:
@@ -356,6 +379,14 @@ class GGUFFile:
                             f"the end of the file ({self.size} bytes; truncated?)",
                             "tensor data inside the file")
         self.tensors[name] = GGUFTensor(name, qtype, dims, offset, n_bytes or 0, self)
+
+    def _check_overlaps(self) -> None:
+        """Tensor data ranges must be disjoint: a tensor sharing another's bytes is a corrupt table."""
+        spans = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in self.tensors.values() if t.n_bytes)
+        for (_, end, name), (start, _, nxt) in zip(spans, spans[1:]):
+            if start < end:
+                raise GGUFError(self.path, f"{nxt}: data at byte {start} overlaps tensor {name} "
+                                f"(which ends at byte {end})", "disjoint tensor data")
 
     # -- metadata access --------------------------------------------------------------------------
 
@@ -448,13 +479,14 @@ def write_gguf(path: str | os.PathLike, metadata: list[tuple[str, ValueType, Any
     for t in tensors:
         offsets.append(rel)
         rel += -(-tensor_nbytes(t.qtype, t.dims) // alignment) * alignment
-    with atomic_write(path) as f:
-        f.write(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata)))
-        for key, vtype, value, item_type in metadata:
-            f.write(_pack_string(key) + struct.pack("<I", vtype) + _pack_value(vtype, value, item_type))
-        for t, off in zip(tensors, offsets):
-            f.write(_pack_string(t.name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, t.qtype, off))
-        f.write(b"\0" * (-f.tell() % alignment))
+    header = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata))]
+    for key, vtype, value, item_type in metadata:
+        header.append(_pack_string(key) + struct.pack("<I", vtype) + _pack_value(vtype, value, item_type))
+    for t, off in zip(tensors, offsets):
+        header.append(_pack_string(t.name) + struct.pack(f"<I{len(t.dims)}QIQ", len(t.dims), *t.dims, t.qtype, off))
+    header = b"".join(header)
+    with atomic_write(path) as f:  # counts bytes itself: a FIFO or a device has no position
+        f.write(header + b"\0" * (-len(header) % alignment))
         for t in tensors:
             expected = tensor_nbytes(t.qtype, t.dims)
             written = 0

@@ -7,17 +7,19 @@ tensor data stays in the memory map until a weight is bound.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error, GGUFError
-from ds4.gguf import GGUFFile, GGUFTensor, ValueType
+from ds4.gguf import FLOAT_TYPES, INTEGER_TYPES, GGUFFile, GGUFTensor, ValueType, type_name
 from ds4.layout import (
     base_optional_specs,
     base_tensor_specs,
@@ -72,9 +74,9 @@ class ModelFile:
 
     @property
     def mtp_margin(self) -> float:
-        """The draft margin an MTP file recommends (MTP_MARGIN_KEY), else DEFAULT_MTP_MARGIN."""
+        """The draft margin an MTP file recommends (MTP_MARGIN_KEY, checked at open), else DEFAULT_MTP_MARGIN."""
         value = self.gguf.get(MTP_MARGIN_KEY)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else DEFAULT_MTP_MARGIN
+        return DEFAULT_MTP_MARGIN if value is None else float(value)
 
     @cached_property
     def routed_quant_bits(self) -> int:
@@ -118,7 +120,31 @@ def open_model(path: str) -> ModelFile:
     tensors = check_tensors(gguf, base_tensor_specs(config), base_optional_specs(config))
     _check_string_array(gguf, TOKENS_KEY, config.n_vocab)
     _check_string_array(gguf, MERGES_KEY)
+    for il in range(min(config.n_hash_layer, config.n_layer)):
+        _check_expert_ids(gguf, tensors[f"blk.{il}.ffn_gate_tid2eid.weight"], config.n_expert)
     return ModelFile(gguf, config, tensors)
+
+
+def _check_expert_ids(gguf: GGUFFile, t: GGUFTensor, n_expert: int) -> None:
+    """The hash-routing table's entries index the expert weights: every one must name an expert
+    (reading the table costs 3 MB per hash layer of the published model)."""
+    ids = t.data()
+    bad = np.flatnonzero((ids < 0) | (ids >= n_expert))
+    if bad.size:
+        token, k = divmod(int(bad[0]), ids.shape[1])
+        raise GGUFError(gguf.path, f"{t.name}: token {token} routes to expert {int(ids.flat[bad[0]])} "
+                        f"({bad.size} ids out of range)", f"expert ids in 0..{n_expert - 1}")
+
+
+def _check_mtp_margin(gguf: GGUFFile) -> None:
+    f = gguf.fields.get(MTP_MARGIN_KEY)
+    if f is None:
+        return
+    if f.type not in FLOAT_TYPES | INTEGER_TYPES:
+        raise GGUFError(gguf.path, f"{MTP_MARGIN_KEY} has type {type_name(f.type)}", "a finite number >= 0")
+    value = gguf.get(MTP_MARGIN_KEY)
+    if not math.isfinite(value) or value < 0:
+        raise GGUFError(gguf.path, f"{MTP_MARGIN_KEY} is {value}", "a finite number >= 0")
 
 
 def open_mtp(path: str, base: ModelConfig) -> ModelFile:
@@ -131,6 +157,7 @@ def open_mtp(path: str, base: ModelConfig) -> ModelFile:
         got = gguf.get(key)
         if isinstance(got, int) and not isinstance(got, bool) and got != want:
             raise GGUFError(path, f"MTP file has {key}={got}", f"{want} to fit the base model")
+    _check_mtp_margin(gguf)
     tensors = check_tensors(gguf, mtp_tensor_specs(base))
     return ModelFile(gguf, base, tensors, is_mtp=True)
 

@@ -378,8 +378,10 @@ class Session:
         except OSError as e:
             raise SessionError(f"{path}: cannot read saved session: {e.strerror}") from None
         head = len(SAVE_MAGIC) + 4 + 32
-        if len(data) < head + 32 or data[:len(SAVE_MAGIC)] != SAVE_MAGIC:
+        if data[:len(SAVE_MAGIC)] != SAVE_MAGIC and not SAVE_MAGIC.startswith(data):
             raise SessionError(f"{path}: not a ds4 saved session, expected magic {SAVE_MAGIC!r}")
+        if len(data) < head + 32:
+            raise SessionError(f"{path}: saved session is truncated ({len(data)} bytes)")
         (version,) = struct.unpack_from("<I", data, len(SAVE_MAGIC))
         if version != SAVE_VERSION:
             raise SessionError(f"{path}: saved session version {version}, expected {SAVE_VERSION}")

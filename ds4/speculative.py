@@ -25,7 +25,6 @@ wrote are beyond the committed position, see state.py).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -235,17 +234,6 @@ class AdaptiveGate:
             self.spec.clear()
         else:
             self.cooldown = self.base_cooldown
-
-
-def json_logger(path: str) -> Callable[[dict], None]:
-    """`--mtp-log FILE`: one JSON line per cycle."""
-    f = open(path, "w")
-
-    def log(record: dict) -> None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-    return log
 
 
 def replay_gaps(session: Session, prompt: list[int], committed: list[int]) -> list[float]:

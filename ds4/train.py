@@ -24,7 +24,6 @@ on a machine with mlx-cuda or Metal it uses the GPU (`--backend gpu`).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,10 +42,12 @@ from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM
 from ds4.config import ModelConfig
 from ds4.errors import Ds4Error
+from ds4.frontend import OUTPUT_HELP, SEED, UTF8_TEXT, FiniteFloat, run_click
 from ds4.layout import TensorSpec, mtp_tensor_specs
 from ds4.model import Model
 from ds4.mtp import MTPHead
 from ds4.synth import base_parts, float_init, mtp_parts, tensor_rng, write_parts
+from ds4.textfile import read_text
 from ds4.tokenizer import Tokenizer, synthetic_vocab
 
 # The shipped model: 6 layers (0-1 sliding window, 2/4 ratio-4 + indexer, 3/5 ratio-128; 0-2 hash
@@ -372,18 +373,13 @@ def evaluate(model: Model, mtp: MTPHead, ids: np.ndarray, seq_len: int = 256, n_
 
 def save_checkpoint(path: str, params: dict, fixed: dict, config: ModelConfig, vocab) -> None:
     """Float weights (safetensors) and the tokenizer tables next to them (.vocab.npz), each
-    written to a temporary name and renamed into place."""
-    tmp = path + ".part.safetensors"
-    try:
-        mx.save_safetensors(tmp, {**params, **fixed}, metadata={"n_vocab": str(config.n_vocab)})
-        tokens, merges, types = vocab
-        with atomic_write(Path(path).with_suffix(".vocab.npz"), "wb") as f:
-            np.savez(f, tokens=np.array(tokens, dtype=object), merges=np.array(merges, dtype=object),
-                     types=np.array(types, np.int32))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    written atomically (ds4.atomic); the weights last, so a checkpoint never lacks its vocab."""
+    tokens, merges, types = vocab
+    with atomic_write(Path(path).with_suffix(".vocab.npz"), "wb") as f:
+        np.savez(f, tokens=np.array(tokens, dtype=object), merges=np.array(merges, dtype=object),
+                 types=np.array(types, np.int32))
+    with atomic_write(path, "wb") as f:
+        mx.save_safetensors(f, {**params, **fixed}, metadata={"n_vocab": str(config.n_vocab)})
 
 
 def load_checkpoint(path: str) -> tuple[dict, ModelConfig, tuple]:
@@ -437,27 +433,30 @@ def export(arrays: dict, config: ModelConfig, vocab, base_path: str, mtp_path: s
 @click.option("--corpus", "corpus_path", default="speed-bench/promessi_sposi.txt", show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="UTF-8 training text")
 @click.option("--out", default="build/train/small.safetensors", show_default=True,
-              type=click.Path(dir_okay=False), help="float checkpoint to write")
+              type=click.Path(dir_okay=False), help=f"float checkpoint to write ({OUTPUT_HELP})")
 @click.option("--export-dir", type=click.Path(file_okay=False),
               help="also write ds4-small-q2.gguf, ds4-small-q4.gguf and ds4-small-mtp.gguf here")
-@click.option("--steps", default=TrainOptions.steps, show_default=True)
-@click.option("--seq-len", default=TrainOptions.seq_len, show_default=True)
-@click.option("--batch", default=TrainOptions.batch, show_default=True)
-@click.option("--lr", default=TrainOptions.lr, show_default=True)
-@click.option("--seed", default=TrainOptions.seed, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=TrainOptions.steps, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=TrainOptions.seq_len, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=TrainOptions.batch, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=TrainOptions.lr, show_default=True)
+@click.option("--seed", type=SEED, default=TrainOptions.seed, show_default=True)
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), help="continue from a checkpoint")
-@click.option("--focus", default="Quel ramo del lago di Como", show_default=True,
+@click.option("--focus", type=UTF8_TEXT, default="Quel ramo del lago di Como", show_default=True,
               help="a passage of the corpus to learn by heart (the demo prompt's text); '' for none")
-@click.option("--focus-fraction", default=0.05, show_default=True, help="share of windows starting at --focus")
-@click.option("--mtp-distill-steps", default=0, show_default=True,
+@click.option("--focus-fraction", type=FiniteFloat(0, 1), default=0.05, show_default=True,
+              help="share of windows starting at --focus")
+@click.option("--mtp-distill-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="then fine-tune the MTP block alone towards the frozen trunk for this many steps")
 @click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 def cli(corpus_path, out, export_dir, steps, seq_len, batch, lr, seed, resume, focus, focus_fraction,
         mtp_distill_steps, backend):
     """Train the small DS4-architecture model (and MTP head) on a text corpus."""
+    if not (steps or resume):
+        raise click.UsageError("--steps 0 needs --resume: there are no weights to start from")
     if backend == "cpu" or (backend == "auto" and not mx.is_available(mx.gpu)):
         mx.set_default_device(mx.cpu)
-    text = Path(corpus_path).read_text(encoding="utf-8")
+    text = read_text(corpus_path, "corpus")
     t0 = time.perf_counter()
     if resume:
         arrays, config, vocab = load_checkpoint(resume)
@@ -481,6 +480,13 @@ def cli(corpus_path, out, export_dir, steps, seq_len, batch, lr, seed, resume, f
                 click.echo(f"ds4-train: step {step}: {what.format(a, b)} ({time.perf_counter() - t0:.0f} s)", err=True)
         return log
 
+    # The output folders exist before hours of training, not after (and not for a run refused above).
+    for folder in (Path(out).parent, Path(export_dir) if export_dir else None):
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise Ds4Error(f"{folder}: cannot create the output folder: {e.strerror or e}") from None
     t0 = time.perf_counter()
     if steps:
         params, fixed = train(config, corpus, opts, params, fixed, logger("trunk CE {:.3f}, MTP CE {:.3f}", steps))
@@ -488,20 +494,16 @@ def cli(corpus_path, out, export_dir, steps, seq_len, batch, lr, seed, resume, f
         params, fixed = distill_mtp(config, corpus, opts, params, fixed, mtp_distill_steps,
                                     logger("MTP distillation KL {:.3f}, argmax agreement {:.1%}", mtp_distill_steps))
     elapsed = time.perf_counter() - t0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, params, fixed, config, vocab)
     trunk, mtp_ce = evaluate(*build({**params, **fixed}, config, Numerics()), corpus.valid)
     click.echo(f"ds4-train: {steps} + {mtp_distill_steps} steps in {elapsed / 60:.1f} min; held-out CE {trunk:.3f} "
                f"nats (ppl {math.exp(trunk):.1f}), MTP CE {mtp_ce:.3f}; wrote {out}", err=True)
     if export_dir:
         d = Path(export_dir)
-        d.mkdir(parents=True, exist_ok=True)
         arrays = {**params, **fixed}
         export(arrays, config, vocab, str(d / "ds4-small-q2.gguf"), str(d / "ds4-small-mtp.gguf"), "q2")
         export(arrays, config, vocab, str(d / "ds4-small-q4.gguf"), None, "q4")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ds4.cli import run_command
-
-    run_command(cli, argv, "ds4-train")
+    run_click(cli, argv, "ds4-train")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 
 # The bundled reference BLAS computes every output row with the same reduction whatever the
 # batch, so decode and prefill agree bit for bit and the exactness tests can hold tight bounds.
@@ -28,3 +30,22 @@ def tiny_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vocab():
     return synth.make_vocab("synthetic", synth.TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def full_device(tmp_path_factory):
+    """A path to the "full" character device (every write fails with ENOSPC) for output tests, or
+    None where there is none. Where /dev is writable (root), a private node: if writing through
+    devices ever regressed to write-then-rename, a test would otherwise replace /dev/full."""
+    if not os.access("/dev", os.W_OK):
+        return "/dev/full" if os.path.exists("/dev/full") else None
+    path = tmp_path_factory.mktemp("dev") / "full"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+        with open(path, "w") as f:
+            f.write("x")
+            f.flush()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:  # anything else: no device node here (no CAP_MKNOD, a nodev mount)
+            return None
+    return str(path)

@@ -93,8 +93,9 @@ def test_runner(tiny_paths, tmp_path):
     r = ds4_test("--list")
     assert r.returncode == 0 and "--mtp-verify-depth" in r.stdout
     assert ds4_test("--bogus").returncode == 2
-    r = ds4_test("--all", DS4_TEST_MODEL=str(tmp_path / "missing.gguf"))
-    assert r.returncode == 0 and r.stdout == "ds4 tests: ok\n" and r.stderr.count("SKIP") == 4
+    missing = tmp_path / "missing.gguf"
+    r = ds4_test("--all", DS4_TEST_MODEL=str(missing))
+    assert r.returncode == 1 and r.stderr == f"ds4-test: {missing}: cannot open model: No such file or directory\n"
     p = tmp_path / "p.txt"
     p.write_text("Ciao", encoding="utf-8")
     vec = tmp_path / "v.vec"
@@ -110,3 +111,13 @@ def test_runner_depth_oracle_on_random_mtp(tiny_paths):
     (Slow: 256 rejected cycles and their replay; the oracle itself is covered above.)"""
     r = ds4_test("--cont-argmax-gap", DS4_TEST_MODEL=str(tiny_paths[0]), DS4_TEST_MTP=str(tiny_paths[1]))
     assert r.returncode == 1 and "a multi-token commit happened" in r.stderr and "1 failure" in r.stderr
+
+
+def test_a_test_that_checked_nothing_fails(monkeypatch, capsys):
+    from ds4 import oracle
+
+    monkeypatch.setitem(oracle.TESTS, "silent", lambda check, ctx: check.say("ran, asserted nothing"))
+    monkeypatch.setitem(oracle.TESTS, "asserting", lambda check, ctx: check.require(True, "something"))
+    assert oracle.run_tests(["silent", "asserting"], ctx=None) == 1
+    err = capsys.readouterr().err
+    assert "silent: did not run: it checked nothing\nsilent: ERR" in err and "asserting: OK" in err
