@@ -41,7 +41,7 @@ TINY = dict(n_layer=5, n_embd=256, n_head=4, head_dim=128, value_dim=128, n_rot=
             n_swa=32, n_indexer_head=4, indexer_head_dim=128, indexer_top_k=8)
 TINY_VOCAB = 1024
 
-# Quant mixes of the published files (layout doc §1.1): routed (gate/up, down).
+# Quant mixes of the published files (layout doc, the published files): routed (gate/up, down).
 QUANT_MIXES = {"q2": (QT.IQ2_XXS, QT.Q2_K), "q4": (QT.Q4_K, QT.Q4_K)}
 
 # A few lines of public-domain Italian prose for the synthetic BPE merges (Manzoni, 1840).
