@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
 
 from ds4.config import FP8_BLOCK, ModelConfig
 from ds4.errors import Ds4Error
@@ -782,9 +784,6 @@ def load_reference_weights(model_file, max_elements: int = 1 << 27) -> dict[str,
     tensors and dequantised quant types as float64 in (out, in) order, I32 tensors as int64.
 
     Meant for tiny models: refuses files with more than `max_elements` weights (float64 copies)."""
-    from gguf import GGMLQuantizationType as QT
-    from gguf.quants import dequantize
-
     total = sum(int(np.prod(t.dims)) for t in model_file.tensors.values())
     if total > max_elements:
         raise Ds4Error(f"{model_file.path}: {total} weights is too many for the float64 reference "
