@@ -17,10 +17,17 @@ import sys
 import time
 
 import click
+from tqdm import tqdm
 
 from ds4.atomic import atomic_write
+from ds4.chat import ThinkMode, render_prompt
+from ds4.decode import DecodeStats, Speculative, generate
 from ds4.errors import Ds4Error
-from ds4.frontend import OUTPUT_HELP, UTF8_TEXT, FiniteFloat, run_click
+from ds4.frontend import BACKENDS, OUTPUT_HELP, UTF8_TEXT, FiniteFloat, run_click, select_backend
+from ds4.loader import choose_model, open_model
+from ds4.options import MtpOptions
+from ds4.session import Engine, Sampler, Session
+from ds4.speculative import SpecOptions
 from ds4.textfile import read_text
 
 HEADER = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes"
@@ -38,29 +45,11 @@ def frontiers(start: int, stop: int, incr: int, mul: float) -> list[int]:
         f = min(stop, max(f + 1, math.ceil(f * mul)) if mul > 1 else f + incr)
 
 
-def generate_no_eos(session, n: int, eos: int, spec=None, stats=None) -> None:
-    """n greedy tokens that never emit EOS; with `spec`, through speculative cycles."""
-    from ds4.speculative import plain_step, speculative_step
-
-    done = 0
-    while done < n:
-        if spec is not None:
-            committed = speculative_step(session, spec, n - done, eos, stats)
-            if committed != [eos]:
-                done += len(committed)
-                continue
-            plain_step(session, session.argmax(exclude=eos), stats)
-        else:
-            session.eval(session.argmax(exclude=eos))
-        done += 1
-
-
-def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eos: int, out, spec=None,
-              progress: bool = True) -> None:
-    from tqdm import tqdm
-
-    from ds4.speculative import SpecStats
-
+def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eos: int, out,
+              spec: SpecOptions | None = None, progress: bool = True) -> None:
+    """Write the CSV header and one row per frontier; generation is greedy (speculative with
+    `spec`) and never emits EOS, so every row times `gen_tokens` tokens."""
+    policy = Sampler(temperature=0.0) if spec is None else Speculative(spec)
     out.write(HEADER + (MTP_HEADER if spec else "") + "\n")
     out.flush()
     previous = 0
@@ -69,10 +58,11 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
         session.sync(prompt[:f])
         prefill_s = time.perf_counter() - t0
         snap = session.snapshot()
-        stats = SpecStats()
+        gen = DecodeStats()
         t0 = time.perf_counter()
-        generate_no_eos(session, gen_tokens, eos, spec, stats)
+        generate(session, None, gen_tokens, policy, eos, stats=gen, exclude_eos=True)
         gen_s = time.perf_counter() - t0
+        stats = gen.spec
         row = (f"{f:d},{f - previous:d},{(f - previous) / prefill_s:.2f},{gen_tokens:d},"
                f"{gen_tokens / gen_s:.2f},{session.config.kv_payload_bytes(f):d}")
         if spec:
@@ -101,7 +91,7 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
 @click.option("-n", "--gen-tokens", "--tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
               help=f"output CSV (default stdout; {OUTPUT_HELP})")
-@click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]))
+@click.option("--backend", type=BACKENDS)
 @click.option("--prefill-chunk", type=click.IntRange(min=1))
 @click.option("--mtp", "mtp_path", type=click.Path(dir_okay=False), help="bench speculative generation")
 @click.option("--mtp-draft", type=click.IntRange(1, 16), help="drafts per cycle (default 1)")
@@ -111,12 +101,7 @@ def run_sweep(session, prompt: list[int], points: list[int], gen_tokens: int, eo
 def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max, ctx_alloc, step_incr, step_mul,
           gen_tokens, csv_path, backend, prefill_chunk, mtp_path, mtp_draft, mtp_continuous, mtp_margin):
     """Context-frontier sweep: prefill and generation tokens/s at growing contexts."""
-    from ds4.chat import ThinkMode, render_prompt
-    from ds4.cli import _select_backend
-    from ds4.loader import choose_model, open_model
-    from ds4.session import Engine, Session
-    from ds4.speculative import SpecOptions
-
+    mtp_opts = MtpOptions.from_flags(mtp_draft, mtp_margin, mtp_continuous)
     if (prompt_file is None) == (chat_prompt_file is None):
         raise click.UsageError("give exactly one of --prompt-file and --chat-prompt-file")
     if ctx_start > ctx_max:
@@ -128,7 +113,7 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     if choice.notice:
         click.echo(f"ds4-bench: {choice.notice}", err=True)
     model_path = choice.path
-    mtp_path = choice.mtp(mtp_path, mtp_draft is not None or mtp_continuous)
+    mtp_path = choice.mtp(mtp_path, mtp_opts.requested)
     model_file = open_model(model_path)
     if problem := model_file.config.context_problem(ctx_alloc):
         raise Ds4Error(f"--ctx-alloc: {problem}")
@@ -138,13 +123,12 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
     if len(prompt) < ctx_max:
         raise Ds4Error(f"{prompt_file or chat_prompt_file}: the prompt has {len(prompt)} tokens, "
                        f"expected at least --ctx-max {ctx_max}")
-    backend = _select_backend(backend)
+    backend = select_backend(backend)
     engine = Engine(model_path, model_file, mtp_path=mtp_path)
     session = Session(engine, ctx_alloc, prefill_chunk)
     spec = None
     if mtp_path:
-        margin = engine.mtp_file.mtp_margin if mtp_margin is None else mtp_margin
-        spec = SpecOptions(draft=1 if mtp_continuous else mtp_draft or 1, margin=margin)
+        spec = mtp_opts.spec_options(engine.mtp_file.mtp_margin)
     click.echo(f"ds4-bench: context buffers {model_file.config.kv_cache_bytes(ctx_alloc, session.prefill_chunk) / 2**20:.2f}"
                f" MiB (ctx={ctx_alloc}, backend={backend}, prefill_chunk={session.prefill_chunk})", err=True)
     points = frontiers(ctx_start, ctx_max, step_incr, step_mul)
@@ -162,7 +146,7 @@ def sweep(model_path, prompt_file, chat_prompt_file, system, ctx_start, ctx_max,
 @click.option("--title", type=UTF8_TEXT, default="ds4-bench", show_default=True)
 def plot(csv_files, out, title):
     """Prefill and generation tokens/s against context, one line per CSV, on two y axes."""
-    try:
+    try:  # an optional dependency, needed only here
         import matplotlib
     except ImportError:
         raise Ds4Error("ds4-bench plot needs matplotlib (pip install matplotlib)") from None

@@ -13,8 +13,9 @@ import click
 
 from ds4.chat import ChatTranscript, ThinkMode, think_mode_for_context
 from ds4.errors import Ds4Error
-from ds4.generate import GenerationStats, ThinkPrinter, generate
+from ds4.decode import DecodeStats, decode
 from ds4.session import Sampler, Session
+from ds4.terminal import ThinkPrinter
 from ds4.textfile import read_text, undecodable
 
 HELP = """commands:
@@ -107,10 +108,10 @@ def _turn(session: Session, tok, transcript: ChatTranscript, text: str, think: T
         return
     printer = ThinkPrinter(thinking=think is not ThinkMode.NONE)
     stream = tok.stream_decoder()
-    stats = GenerationStats()
+    stats = DecodeStats()
     try:
-        generate(session, prompt, max_tokens, sampler, tok.eos_id,
-                 on_token=lambda t: printer.write(stream.push(t)), stats=stats)
+        for token in decode(session, prompt, max_tokens, sampler, tok.eos_id, stats):
+            printer.write(stream.push(token))
     except KeyboardInterrupt:
         click.echo("\nds4: stopped", err=True)
     finally:

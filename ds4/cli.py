@@ -4,21 +4,23 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import click
 
 from ds4.atomic import atomic_write, json_lines_log
-from ds4.numerics import Numerics
 from ds4.chat import DEFAULT_SYSTEM, ThinkMode, render_prompt, think_mode_for_context
-from ds4.errors import Ds4Error
-from ds4.frontend import OUTPUT_HELP, SEED, UTF8_TEXT, FiniteFloat, run_click
+from ds4.chat_repl import run_repl
 from ds4.config import LayerKind
-from ds4.generate import ThinkPrinter, generate, generate_speculative
+from ds4.decode import DecodeStats, decode
+from ds4.errors import Ds4Error
+from ds4.frontend import BACKENDS, OUTPUT_HELP, SEED, UTF8_TEXT, FiniteFloat, run_click, select_backend
+from ds4.kernels import reference_kernels
 from ds4.loader import DS4FLASH, choose_model, open_model, open_mtp
-from ds4.session import DEFAULT_CTX, Engine, Sampler, Session
+from ds4.numerics import Numerics
+from ds4.options import GenerateOptions, MtpOptions
+from ds4.session import DEFAULT_CTX, Engine, Sampler, Session, default_prefill_chunk
 from ds4.speculative import SpecOptions, SpecStats
+from ds4.terminal import ThinkPrinter, prefill_bar
 from ds4.textfile import read_text
 
 
@@ -46,7 +48,7 @@ def format_inspect(model, mtp=None) -> str:
         lines.append(f"{label:<14} {n} in {f.path}, {total:,} bytes ({total / 2**30:.2f} GiB)")
         for name, (count, size) in by_type.items():
             lines.append(f"  {name:<10} {count:5d} tensors {size:>18,} bytes ({size / 2**30:8.3f} GiB)")
-    ctx, chunk = 32768, 2048
+    ctx, chunk = DEFAULT_CTX, default_prefill_chunk(DEFAULT_CTX)
     lines += [
         f"kv cache:      {c.kv_bytes_per_token():,.0f} bytes per context token (compressed rows, f32)",
         f"               {c.kv_cache_bytes(ctx, chunk):,} bytes at ctx {ctx} "
@@ -58,20 +60,6 @@ def format_inspect(model, mtp=None) -> str:
 def _token_json(tok, token_id: int) -> dict:
     raw = tok.token_bytes(token_id)
     return {"id": token_id, "text": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
-
-
-def _select_backend(backend: str | None) -> str:
-    """Set MLX's default device; `None` picks the best available (GPU, else CPU)."""
-    import mlx.core as mx
-
-    gpu = {"metal": mx.metal.is_available(), "cuda": mx.cuda.is_available()}
-    if backend is None:
-        backend = next((b for b, ok in gpu.items() if ok), "cpu")
-    elif backend != "cpu" and not gpu[backend]:
-        raise Ds4Error(f"{backend} backend unavailable in this MLX build, expected one of: "
-                       + ", ".join(["cpu"] + [b for b, ok in gpu.items() if ok]))
-    mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
-    return backend
 
 
 def _read_prompt_tokens(path: str, n_vocab: int) -> list[int]:
@@ -117,14 +105,14 @@ THINK_MODES = {"think": ThinkMode.HIGH, "nothink": ThinkMode.NONE, "think_max": 
               help=f"write a greedy JSON dump of top logprobs ({OUTPUT_HELP})")
 @click.option("--logprobs-top-k", type=click.IntRange(1, 128), default=20, show_default=True)
 @click.option("--prefill-chunk", type=click.IntRange(min=1), help="prefill chunk size (default 2048, or ctx if smaller)")
-@click.option("--backend", type=click.Choice(["metal", "cuda", "cpu"]), help="default: the best available")
+@click.option("--backend", type=BACKENDS, help="default: the best available")
 @click.option("--mtp-draft", type=click.IntRange(1, 16), help="MTP drafts per cycle (default 1: continuous depth-1)")
 @click.option("--mtp-margin", type=FiniteFloat(0, 1000),
               help="keep drafting only while the MTP top1-top2 logit margin is at least this (0: off; "
                    "default: the MTP file's ds4.mtp.draft_margin, else 3.0)")
 @click.option("--mtp-continuous", is_flag=True, help="continuous depth-1 cycle (the default with --mtp)")
 @click.option("--mtp-fast-verify", is_flag=True, help="always verify in one batched pass (near-greedy)")
-@click.option("--quality", is_flag=True, help="exact kernels and the exact MTP verifier")
+@click.option("--quality", is_flag=True, help="strict: reference kernels for every op and the exact MTP verifier")
 @click.option("--mtp-log", type=click.Path(dir_okay=False),
               help="write one JSON line per speculative cycle (as it runs, in place: through symlinks and devices)")
 @click.option("--mtp-adaptive/--no-mtp-adaptive", default=True, show_default=True,
@@ -137,12 +125,15 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
     """DeepSeek V4 Flash inference on MLX."""
     if sum(x is not None for x in (prompt, prompt_file, prompt_tokens)) > 1:
         raise click.UsageError("give only one of -p, --prompt-file and --prompt-tokens")
+    mtp_opts = MtpOptions.from_flags(mtp_draft, mtp_margin, mtp_continuous, mtp_fast_verify, quality, mtp_adaptive,
+                                     mtp_log)
+    opts = GenerateOptions(n_tokens, temp, top_k, top_p, min_p, seed, mtp_opts, quality)
     if prompt_file is not None:
         prompt = read_text(prompt_file, "prompt file")
     choice = choose_model(model_path)
     if choice.notice:
         click.echo(f"ds4: {choice.notice}", err=True)
-    mtp_path = choice.mtp(mtp_path, mtp_draft is not None or mtp_continuous or (inspect and choice.embedded))
+    mtp_path = choice.mtp(mtp_path, mtp_opts.requested or (inspect and choice.embedded))
     model_file = open_model(choice.path)
     mtp = open_mtp(mtp_path, model_file.config) if mtp_path else None
     if inspect:
@@ -170,89 +161,67 @@ def cli(model_path, mtp_path, inspect, prompt, prompt_file, prompt_tokens, n_tok
         raise Ds4Error(f"--ctx: {problem}")
     if ids is not None and len(ids) >= ctx:
         raise Ds4Error(f"prompt of {len(ids)} tokens exceeds the context of {ctx} tokens (raise --ctx)")
-    backend = _select_backend(backend)
-    continuous = mtp_continuous or os.environ.get("DS4_MTP_CONTINUOUS") == "1"
-    if continuous and mtp_draft not in (None, 1):
-        raise click.UsageError("--mtp-continuous drafts one token per cycle; it cannot take --mtp-draft > 1")
-    speculate = mtp_path is not None and temp == 0 and ids is not None and not dump_logprobs
-    if mtp_path is not None and not speculate:
+    backend = select_backend(backend)
+    speculate = opts.speculates(mtp is not None, ids is not None and not dump_logprobs)
+    if mtp is not None and not speculate:
         click.echo("ds4: MTP drafts are used only for greedy generation (--temp 0); decoding without them",
                    err=True)
-    engine = Engine(model_file.path, model_file, Numerics(act_quant=act_quant), mtp_path if speculate else None)
-    session = Session(engine, ctx, prefill_chunk)
-    if speculate:
-        exact = quality or os.environ.get("DS4_MTP_STRICT") == "1" or not mtp_fast_verify
-        margin = mtp.mtp_margin if mtp_margin is None else mtp_margin
-        spec = SpecOptions(draft=mtp_draft or 1, margin=margin, exact=exact)
-        click.echo(f"ds4: MTP support model loaded: {mtp_path} (draft={spec.draft}, "
-                   f"margin={spec.margin:g}, verify={'exact' if exact else 'fast'})", err=True)
-    c = model_file.config
-    click.echo(f"ds4: context buffers {c.kv_cache_bytes(ctx, session.prefill_chunk) / 2**20:.2f} MiB "
-               f"(ctx={ctx}, backend={backend}, prefill_chunk={session.prefill_chunk}, "
-               f"raw_kv_rows={c.n_swa}, compressed_kv_rows={ctx // 4 + 2})", err=True)
-    if ids is None:
-        from ds4.chat_repl import run_repl
-
-        run_repl(session, tok, system, think_mode, n_tokens, Sampler(temp, top_k, top_p, min_p, seed))
-        return
-    if dump_logprobs:
-        _dump_logprobs(session, tok, ids, n_tokens, logprobs_top_k, dump_logprobs, prompt or prompt_tokens)
-        return
-    sampler = Sampler(temp, top_k, top_p, min_p, seed)
-    printer = ThinkPrinter(thinking=think_mode is not ThinkMode.NONE and prompt_tokens is None)
-    stream = tok.stream_decoder()
-    bar = _prefill_bar(session, len(ids))
-    try:
-        emit = lambda t: printer.write(stream.push(t))  # noqa: E731
-        if speculate:
-            err = lambda line: click.echo(line, err=True)  # noqa: E731
-            spec_stats = SpecStats(log=json_lines_log(mtp_log) if mtp_log else None,
-                                   spec_log=err if os.environ.get("DS4_MTP_SPEC_LOG") else None,
-                                   conf_log=err if os.environ.get("DS4_MTP_CONF_LOG") else None)
-            stats = generate_speculative(session, ids, n_tokens, tok.eos_id, spec, spec_stats, emit,
-                                         adaptive=mtp_adaptive)
+    spec = mtp_opts.spec_options(mtp.mtp_margin) if speculate else None
+    with reference_kernels(opts.quality):
+        engine = Engine(model_file.path, model_file, Numerics(act_quant=act_quant), mtp_path if speculate else None)
+        session = Session(engine, ctx, prefill_chunk)
+        if spec is not None:
+            click.echo(f"ds4: MTP support model loaded: {mtp_path} (draft={spec.draft}, "
+                       f"margin={spec.margin:g}, verify={'exact' if spec.exact else 'fast'})", err=True)
+        c = model_file.config
+        click.echo(f"ds4: context buffers {c.kv_cache_bytes(ctx, session.prefill_chunk) / 2**20:.2f} MiB "
+                   f"(ctx={ctx}, backend={backend}, prefill_chunk={session.prefill_chunk}, "
+                   f"raw_kv_rows={c.n_swa}, compressed_kv_rows={ctx // 4 + 2})", err=True)
+        if ids is None:
+            run_repl(session, tok, system, think_mode, n_tokens, opts.sampler())
+        elif dump_logprobs:
+            _dump_logprobs(session, tok, ids, n_tokens, logprobs_top_k, dump_logprobs, prompt or prompt_tokens)
         else:
-            stats = generate(session, ids, n_tokens, sampler, tok.eos_id, on_token=emit)
+            thinking = think_mode is not ThinkMode.NONE and prompt_tokens is None
+            _one_shot(session, tok, ids, opts, spec, thinking)
+
+
+def _one_shot(session: Session, tok, ids: list[int], opts: GenerateOptions, spec: SpecOptions | None,
+              thinking: bool) -> None:
+    """`ds4 -p`: stream the reply to stdout, the speeds (and speculation telemetry) to stderr."""
+    err = lambda line: click.echo(line, err=True)  # noqa: E731
+    mtp = opts.mtp
+    stats = DecodeStats(spec=SpecStats(log=json_lines_log(mtp.log_path) if mtp.log_path else None,
+                                       spec_log=err if mtp.spec_log else None,
+                                       conf_log=err if mtp.conf_log else None))
+    printer = ThinkPrinter(thinking=thinking)
+    stream = tok.stream_decoder()
+    bar = prefill_bar(session, len(ids))
+    try:
+        for token in decode(session, ids, opts.max_tokens, opts.policy(spec), tok.eos_id, stats):
+            printer.write(stream.push(token))
     finally:
         if bar is not None:
             bar.close()
         printer.write(stream.flush())
         printer.close()
-    click.echo(stats.line(), err=True)
-    if speculate:
-        click.echo(spec_stats.summary(), err=True)
-
-
-def _prefill_bar(session: Session, n_prompt: int):
-    """A tqdm bar on stderr for prompts longer than one prefill chunk."""
-    if n_prompt <= session.prefill_chunk:
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(total=n_prompt, desc="prefill", unit="tok", file=sys.stderr, leave=False)
-
-    def update(done: int, total: int) -> None:
-        bar.n = done
-        bar.refresh()
-
-    session.progress = update
-    return bar
+    err(stats.line())
+    if spec is not None:
+        err(stats.spec.summary())
 
 
 def _dump_logprobs(session: Session, tok, ids: list[int], n_tokens: int, top_k: int, path: str, source: str) -> None:
     """Greedy decode of n steps, recording each step's selected token and top-k logprobs (the
     reference's JSON shape). Written atomically."""
     steps = []
-
-    def record(token: int) -> None:
+    stats = DecodeStats()
+    for token in decode(session, ids, n_tokens, Sampler(temperature=0.0), tok.eos_id, stats):
         steps.append({
             "step": len(steps),
             "selected": _token_json(tok, token),
             "top_logprobs": [{"token": _token_json(tok, i), "logit": logit, "logprob": lp}
                              for i, logit, lp in session.top_logprobs(top_k)],
         })
-
-    stats = generate(session, ids, n_tokens, Sampler(temperature=0.0), tok.eos_id, on_token=record)
     doc = {"source": source, "prompt_tokens": len(ids), "ctx": session.ctx, "top_k": top_k, "steps": steps}
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, ensure_ascii=False)

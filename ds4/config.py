@@ -195,7 +195,7 @@ class ModelConfig:
             return f"a context of {ctx} tokens exceeds the model's {self.context_length} ({CONTEXT_LENGTH_KEY})"
         return None
 
-    # -- KV cache sizes (forward doc §6, layout doc §11.2; all cache rows are float32) -----------
+    # -- KV cache sizes (forward doc: cache state; layout doc: KV cache sizes; all cache rows are float32) -----------
 
     def kv_bytes_per_token(self) -> float:
         """Asymptotic compressed-cache bytes per context token (13,760 for DS4 Flash)."""
@@ -225,7 +225,7 @@ class ModelConfig:
         return raw + comp
 
     def kv_payload_bytes(self, n_tokens: int) -> int:
-        """Bytes of a saved session of n tokens in ds4's payload layout (mtp-session doc §2.7):
+        """Bytes of a saved session of n tokens in ds4's payload layout (mtp-session doc, the saved payload):
         13-word header, tokens, logits, two row counters per layer, then per layer the live raw
         rows, the compressed rows and compressor frontiers (kv and score). This is ds4-bench's
         `kvcache_bytes` column."""

@@ -1,5 +1,5 @@
-"""The error boundary every ds4 command runs in: `ds4` (and its chat), `ds4-bench`, `ds4-test`,
-`ds4-synth` and `ds4-train`.
+"""What every ds4 command shares: the error boundary of `ds4` (and its chat), `ds4-bench`,
+`ds4-test`, `ds4-synth` and `ds4-train`, their option types, and the backend choice.
 
 Whatever goes wrong reaches the user as one line on stderr starting with the command's name, and
 an exit status a script can act on:
@@ -23,6 +23,7 @@ import sys
 from typing import Callable, Sequence
 
 import click
+import mlx.core as mx
 
 from ds4.errors import Ds4Error, one_line
 from ds4.textfile import undecodable, utf8_problem
@@ -61,6 +62,22 @@ SEED = click.IntRange(0, 2**64 - 1)  # what every RNG ds4 seeds (MLX keys, numpy
 # Help text of every output-file option (the rule is ds4.atomic's).
 OUTPUT_HELP = ("a regular file is replaced only once complete; a symlink's target is replaced, "
                "a device or FIFO written in place")
+
+
+def select_backend(backend: str | None) -> str:
+    """Set MLX's default device ("metal", "cuda" or "cpu"); `None` picks the best available
+    (a GPU, else the CPU). Returns the backend chosen."""
+    gpu = {"metal": mx.metal.is_available(), "cuda": mx.cuda.is_available()}
+    if backend is None:
+        backend = next((b for b, ok in gpu.items() if ok), "cpu")
+    elif backend != "cpu" and not gpu[backend]:
+        raise Ds4Error(f"{backend} backend unavailable in this MLX build, expected one of: "
+                       + ", ".join(["cpu"] + [b for b, ok in gpu.items() if ok]))
+    mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
+    return backend
+
+
+BACKENDS = click.Choice(["metal", "cuda", "cpu"])
 
 
 def run(prog: str, body: Callable[[], int | None]) -> None:

@@ -32,6 +32,7 @@ _REFERENCE: dict[tuple[str, str | None], Callable] = {}
 _FAST: dict[tuple[str, str | None, str], Callable] = {}
 _ROW_INVARIANT = contextvars.ContextVar("ds4_row_invariant", default=False)
 _DEVICE = contextvars.ContextVar("ds4_kernel_device", default=None)
+_REFERENCE_ONLY = contextvars.ContextVar("ds4_reference_only", default=False)
 
 
 def device_kind() -> str:
@@ -58,7 +59,19 @@ def compile_steps() -> bool:
 
 
 def reference_only() -> bool:
-    return os.environ.get("DS4_KERNELS", "") == "reference"
+    """Whether every op runs its reference: DS4_KERNELS=reference, or inside `reference_kernels()`."""
+    return _REFERENCE_ONLY.get() or os.environ.get("DS4_KERNELS", "") == "reference"
+
+
+@contextmanager
+def reference_kernels(enabled: bool = True):
+    """While active (and `enabled`), `lookup` gives the reference of every op (`ds4 --quality`).
+    Graphs are built, and compiled steps traced, on first use: open the engine's first step inside."""
+    token = _REFERENCE_ONLY.set(enabled or _REFERENCE_ONLY.get())
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
 
 
 def register_reference(op: str, fn: Callable, qtype: str | None = None) -> None:

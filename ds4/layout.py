@@ -2,7 +2,7 @@
 
 One table serves both directions: `check_tensors` validates a file against it (name, rank, every
 dim, type), and the synthetic writer emits exactly these tensors. Dims are in GGUF order
-(`[in, out]` for matrices, `[in, out, n_expert]` for routed experts), as the layout doc §5 lists
+(`[in, out]` for matrices, `[in, out, n_expert]` for routed experts), as the layout doc lists
 them. Extra tensors in a file are ignored, as ds4.c ignores them.
 """
 

@@ -26,6 +26,7 @@ from ds4.layout import (
     check_tensors,
     mtp_tensor_specs,
 )
+from ds4.tokenizer import Tokenizer
 
 # ds4's default model file (the C engine's download script links it in the working directory),
 # then the small trained model embedded in the package (`ds4-train`; base + MTP head).
@@ -87,8 +88,6 @@ class ModelFile:
     def tokenizer(self):
         """The tokenizer built from the file's token and merge tables (built once)."""
         if self._tokenizer is None:
-            from ds4.tokenizer import Tokenizer
-
             tokens = self.gguf.get(TOKENS_KEY)
             merges = self.gguf.get(MERGES_KEY)
             try:

@@ -31,8 +31,13 @@ from typing import Callable
 import click
 
 from ds4.atomic import atomic_write
+from ds4.chat import ThinkMode, render_prompt
+from ds4.decode import DecodeStats, Speculative, generate
 from ds4.errors import Ds4Error
 from ds4.frontend import run
+from ds4.loader import EMBEDDED_VECTORS, choose_model, open_model, open_mtp
+from ds4.session import DEFAULT_CTX, Engine, Session
+from ds4.speculative import Drafter, SpecOptions, replay_gaps
 from ds4.textfile import read_text
 
 VEC_HEADER = """# ds4-official-logprob-vectors-v1
@@ -136,9 +141,6 @@ def read_vectors(path: str) -> list[VecCase]:
 
 def write_vectors(engine, prompt_files: list[str], path: str, steps: int = 4, top: int = 20, ctx: int = 4096) -> None:
     """Write an official.vec-format file from this engine's greedy top logprobs."""
-    from ds4.chat import ThinkMode, render_prompt
-    from ds4.session import Session
-
     tok = engine.tokenizer
     out = [VEC_HEADER]
     for i, prompt_file in enumerate(prompt_files):
@@ -160,9 +162,6 @@ def write_vectors(engine, prompt_files: list[str], path: str, steps: int = 4, to
 
 
 def check_logprob_vectors(check: Check, engine, cases: list[VecCase]) -> None:
-    from ds4.chat import ThinkMode, render_prompt
-    from ds4.session import Session
-
     tok = engine.tokenizer
     for case in cases:
         if problem := engine.config.context_problem(case.ctx):
@@ -186,32 +185,18 @@ def check_logprob_vectors(check: Check, engine, cases: list[VecCase]) -> None:
 
 # -- speculative oracles -------------------------------------------------------------------------
 
-def capture_speculative(engine, prompt: list[int], opts, max_tokens: int = 256, drafter=None):
-    """Greedy speculative run; returns (committed tokens, largest commit of one cycle, stats)."""
-    from ds4.session import Session
-    from ds4.speculative import SpecStats, speculative_step
-
-    s = Session(engine, 32768)
-    s.sync(prompt)
-    stats, out, max_chunk = SpecStats(), [], 0
-    eos = engine.tokenizer.eos_id
-    while len(out) < max_tokens:
-        committed = speculative_step(s, opts, max_tokens - len(out), eos, stats, drafter)
-        if committed == [eos]:
-            break
-        max_chunk = max(max_chunk, len(committed))
-        out += committed
-    return out, max_chunk, stats
+def capture_speculative(engine, prompt: list[int], opts: SpecOptions, max_tokens: int = 256,
+                        drafter: Drafter | None = None) -> DecodeStats:
+    """A greedy speculative run from a fresh session (stopping at EOS): its stream and cycles."""
+    return generate(Session(engine, DEFAULT_CTX), prompt, max_tokens, Speculative(opts, drafter),
+                    engine.tokenizer.eos_id)
 
 
 def verify_depth(check: Check, engine, opts, drafter=None, min_tokens: int = 128, max_tokens: int = 256) -> None:
-    from ds4.chat import ThinkMode, render_prompt
-    from ds4.session import Session
-    from ds4.speculative import replay_gaps
-
     prompt = render_prompt(engine.tokenizer, MTP_PROMPT, "", ThinkMode.NONE)
-    out, max_chunk, stats = capture_speculative(engine, prompt, opts, max_tokens, drafter)
-    gaps = replay_gaps(Session(engine, 32768), prompt, out)
+    run = capture_speculative(engine, prompt, opts, max_tokens, drafter)
+    out, max_chunk, stats = run.generated, run.max_commit, run.spec
+    gaps = replay_gaps(Session(engine, DEFAULT_CTX), prompt, out)
     worst = max(gaps) if gaps else 0.0
     at = gaps.index(worst) if gaps else -1
     check.say(f"nspec={len(out)} max_chunk={max_chunk} worst_argmax_gap={worst:.3f} at={at}")
@@ -222,13 +207,9 @@ def verify_depth(check: Check, engine, opts, drafter=None, min_tokens: int = 128
 
 
 def verify_divergence(check: Check, engine, drafter=None) -> None:
-    from ds4.chat import ThinkMode, render_prompt
-    from ds4.session import Session
-    from ds4.speculative import SpecOptions, replay_gaps
-
     prompt = render_prompt(engine.tokenizer, MTP_PROMPT, "", ThinkMode.NONE)
-    out, _, _ = capture_speculative(engine, prompt, SpecOptions(draft=4, margin=0, exact=False), drafter=drafter)
-    gaps = replay_gaps(Session(engine, 32768), prompt, out)
+    out = capture_speculative(engine, prompt, SpecOptions(draft=4, margin=0, exact=False), drafter=drafter).generated
+    gaps = replay_gaps(Session(engine, DEFAULT_CTX), prompt, out)
     check.require(len(out) > 0, "the speculative capture committed tokens")
     diverged = [g for g in gaps if g > 0]
     bins = [(0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 2.0), (2.0, float("inf"))]
@@ -249,19 +230,13 @@ class Context:
     _engines: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from ds4.loader import open_model
-
         self.model_file = open_model(self.model)
 
     def open_mtp(self) -> None:
-        from ds4.loader import open_mtp
-
         if self.mtp:
             open_mtp(self.mtp, self.model_file.config)
 
     def engine(self, with_mtp: bool = False):
-        from ds4.session import Engine
-
         if with_mtp and not self.mtp:
             raise NotRun("no MTP support model (set DS4_TEST_MTP=FILE)")
         if with_mtp not in self._engines:
@@ -276,14 +251,10 @@ def _logprob_vectors(check, ctx):
 
 
 def _mtp_verify_depth(check, ctx):
-    from ds4.speculative import SpecOptions
-
     verify_depth(check, ctx.engine(with_mtp=True), SpecOptions(draft=4, margin=0))
 
 
 def _cont_argmax_gap(check, ctx):
-    from ds4.speculative import SpecOptions
-
     verify_depth(check, ctx.engine(with_mtp=True), SpecOptions(draft=1, margin=0))
 
 
@@ -329,8 +300,6 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["--list"]:
         click.echo("\n".join(f"--{n}" for n in TESTS))
         return 0
-    from ds4.loader import EMBEDDED_VECTORS, choose_model
-
     names = []
     write = argv[:1] == ["--write-vectors"]
     if write and len(argv) < 3:

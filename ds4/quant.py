@@ -479,7 +479,7 @@ for _qt in SUPPORTED:
 
 
 # ---------------------------------------------------------------------------
-# Activation quantization as ds4's CPU path does it (forward doc §10.1), for bit-close
+# Activation quantization as ds4's CPU path does it (forward doc, kernel rounding), for bit-close
 # comparison with the C engine: the CPU quantizes each activation row to int8 blocks before a
 # quantized dot, so its products see q * d rather than x.
 

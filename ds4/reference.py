@@ -1,16 +1,17 @@
 """Float64 numpy reference forward pass of DeepSeek V4 Flash: slow, literal, for tiny models.
 
-This module is `shared/docs/ds4-forward.md` written as code. Every function is named after the
-section of that document it transcribes (§N in the docstrings). It is the oracle the MLX forward
-is tested against, so it favours one obvious formula per step over speed: float64 everywhere,
-Python loops over tokens, experts and heads where that reads better.
+This module is `shared/docs/ds4-forward.md` (not part of this repository) written as code. Every
+function is named after the part of that document it transcribes, and the section comments below
+name those parts. It is the oracle the MLX forward is tested against, so it favours one obvious
+formula per step over speed: float64 everywhere, Python loops over tokens, experts and heads where
+that reads better.
 
-What "the model" means here: the math of §3-§8 and §11 plus the QAT round trips of §10.2
-(`qat=True`, the default): an E4M3 FP8 round trip of the non-RoPE dims of every KV row (raw and
-compressed), f16 rounding of every cache row, and a Hadamard + E2M1 FP4 round trip of the indexer
-queries and indexer rows. The ds4 CPU engine's *activation* quantisation (Q8_0 / Q8_K before
-quantised matvecs, §10.1) is an artefact of its kernels, not part of the model, and is not
-emulated; weights are used exactly as dequantised.
+What "the model" means here: the math of the top level, hyper-connections, attention, caches, FFN,
+head and MTP block, plus the QAT round trips (`qat=True`, the default): an E4M3 FP8 round trip of
+the non-RoPE dims of every KV row (raw and compressed), f16 rounding of every cache row, and a
+Hadamard + E2M1 FP4 round trip of the indexer queries and indexer rows. The ds4 CPU engine's
+*activation* quantisation (Q8_0 / Q8_K before quantised matvecs) is an artefact of its kernels, not
+part of the model, and is not emulated; weights are used exactly as dequantised.
 
 Every dimension comes from the `ModelConfig` (and the weight shapes); nothing assumes the
 published widths. Choices where the documents are silent or disagree are marked "CHOICE:".
@@ -27,11 +28,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
 
 from ds4.config import FP8_BLOCK, ModelConfig
 from ds4.errors import Ds4Error
 
-# -- format constants (§10.2) -------------------------------------------------------------------
+# -- Format constants (QAT round trips) -------------------------------------------------------------------
 
 E4M3_MAX = 448.0  # largest finite E4M3FN value (exponent 15, mantissa 6)
 E4M3_MIN_NORMAL_EXP = -6  # smallest normal is 2^-6; subnormals are m * 2^-9
@@ -41,31 +44,31 @@ E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # E2M1 magnitude
 E2M1_MAX = 6.0
 FP4_BLOCK = 32
 FP4_AMAX_FLOOR = 7.05e-38
-ROUTE_WEIGHT_SUM_FLOOR = 6.1035e-5  # §7.1: max(sum of selected probs, this)
+ROUTE_WEIGHT_SUM_FLOOR = 6.1035e-5  # router: max(sum of selected probs, this)
 
 
 # =================================================================================================
-# §0 Functions
+# Functions
 # =================================================================================================
 
 def rms_norm(v: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
-    """§0 RMSNorm over the last axis: v / sqrt(mean(v^2) + eps), times w when given."""
+    """RMSNorm over the last axis: v / sqrt(mean(v^2) + eps), times w when given."""
     out = v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps)
     return out if w is None else out * w
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """§0 the logistic function."""
+    """The logistic function."""
     return 1.0 / (1.0 + np.exp(-z))
 
 
 def silu(z: np.ndarray) -> np.ndarray:
-    """§0 silu(z) = z * sigmoid(z)."""
+    """silu(z) = z * sigmoid(z)."""
     return z * sigmoid(z)
 
 
 def softplus(z: np.ndarray) -> np.ndarray:
-    """§0 softplus with ds4's cut-offs: z above 20, e^z below -20, log1p(e^z) between."""
+    """Softplus with ds4's cut-offs: z above 20, e^z below -20, log1p(e^z) between."""
     z = np.asarray(z, dtype=np.float64)
     mid = np.log1p(np.exp(np.clip(z, -20.0, 20.0)))
     return np.where(z > 20.0, z, np.where(z < -20.0, np.exp(z), mid))
@@ -78,22 +81,22 @@ def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def top_k_lower_index(scores: np.ndarray, k: int) -> np.ndarray:
-    """§7.1 / §5.5 top-k by descending score; equal scores go to the lower index (ds4 CPU)."""
+    """Top-k (router and indexer) by descending score; equal scores go to the lower index (ds4 CPU)."""
     return np.argsort(-scores, kind="stable")[:k]
 
 
 # =================================================================================================
-# §10.2 QAT round trips
+# QAT round trips
 # =================================================================================================
 
 def pow2_ceil(v: np.ndarray) -> np.ndarray:
-    """§10.2 2^ceil(log2 v) for v > 0, computed exactly (frexp, no float log)."""
+    """2^ceil(log2 v) for v > 0, computed exactly (frexp, no float log)."""
     m, e = np.frexp(v)  # v = m * 2^e with m in [0.5, 1)
     return np.ldexp(1.0, np.where(m == 0.5, e - 1, e))
 
 
 def e4m3_round(x: np.ndarray) -> np.ndarray:
-    """§10.2 nearest E4M3FN value, ties to even mantissa, saturating at +-448.
+    """Nearest E4M3FN value, ties to even mantissa, saturating at +-448.
 
     Normal values are 2^e * (1 + m/8) (e >= -6), subnormals m * 2^-9: in the binade [2^e, 2^e+1)
     the grid step is 2^(e-3), and below 2^-6 it is 2^-9. Rounding x/step to the nearest integer with
@@ -105,7 +108,7 @@ def e4m3_round(x: np.ndarray) -> np.ndarray:
 
 
 def _block_round_trip(x: np.ndarray, block: int, amax_floor: float, top: float, rounder) -> np.ndarray:
-    """§10.2 block round trip along the last axis: amax = max(max|x|, floor),
+    """Block round trip along the last axis: amax = max(max|x|, floor),
     scale = 2^ceil(log2(amax/top)), x <- rounder(clamp(x/scale, +-top)) * scale."""
     xb = x.reshape(*x.shape[:-1], -1, block)
     amax = np.maximum(np.max(np.abs(xb), axis=-1, keepdims=True), amax_floor)
@@ -115,12 +118,12 @@ def _block_round_trip(x: np.ndarray, block: int, amax_floor: float, top: float, 
 
 
 def fp8_e4m3_roundtrip(x: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """§10.2 FP8 round trip: blocks of 64, amax floor 1e-4, E4M3 values up to 448."""
+    """FP8 round trip: blocks of 64, amax floor 1e-4, E4M3 values up to 448."""
     return _block_round_trip(x, block, FP8_AMAX_FLOOR, E4M3_MAX, e4m3_round)
 
 
 def e2m1_round(x: np.ndarray) -> np.ndarray:
-    """§10.2 nearest E2M1 value of {0, 0.5, 1, 1.5, 2, 3, 4, 6} (signed), ties to the even index,
+    """Nearest E2M1 value of {0, 0.5, 1, 1.5, 2, 3, 4, 6} (signed), ties to the even index,
     saturating at +-6."""
     a = np.minimum(np.abs(x), E2M1_MAX)
     lo = np.clip(np.searchsorted(E2M1_GRID, a, side="right") - 1, 0, len(E2M1_GRID) - 2)
@@ -131,12 +134,12 @@ def e2m1_round(x: np.ndarray) -> np.ndarray:
 
 
 def fp4_e2m1_roundtrip(x: np.ndarray, block: int = FP4_BLOCK) -> np.ndarray:
-    """§10.2 FP4 round trip: blocks of 32, amax floor 7.05e-38, E2M1 values up to 6."""
+    """FP4 round trip: blocks of 32, amax floor 7.05e-38, E2M1 values up to 6."""
     return _block_round_trip(x, block, FP4_AMAX_FLOOR, E2M1_MAX, e2m1_round)
 
 
 def hadamard(x: np.ndarray) -> np.ndarray:
-    """§10.2 Walsh-Hadamard rotation of the last axis: the unnormalised butterfly in natural
+    """Walsh-Hadamard rotation of the last axis: the unnormalised butterfly in natural
     (Sylvester) order with strides 1, 2, 4, ..., n/2, then times 1/sqrt(n). Orthonormal and its
     own inverse."""
     n = x.shape[-1]
@@ -151,17 +154,17 @@ def hadamard(x: np.ndarray) -> np.ndarray:
 
 
 def f16_round(x: np.ndarray) -> np.ndarray:
-    """§10.1 cache rows are stored rounded to f16 (round to nearest even)."""
+    """Cache rows are stored rounded to f16 (round to nearest even)."""
     return np.asarray(x, dtype=np.float16).astype(np.float64)
 
 
 # =================================================================================================
-# §4 Hyper-connection (mHC) machinery
+# Hyper-connection (mHC) machinery
 # =================================================================================================
 
 @dataclass
 class HCSplit:
-    """§4.1 the three outputs of an HC pre: pre weights, post gates, Sinkhorn-normalised C."""
+    """The three outputs of an HC pre: pre weights, post gates, Sinkhorn-normalised C."""
 
     pre: np.ndarray  # (M,)
     post: np.ndarray  # (M,)
@@ -169,12 +172,12 @@ class HCSplit:
 
 
 def hc_mix(X: np.ndarray, fn: np.ndarray, eps: float) -> np.ndarray:
-    """§4.1 steps 1-2: mix = fn . RMSNorm(flat(X)), the flat state normalised without weight."""
+    """HC pre steps 1-2: mix = fn . RMSNorm(flat(X)), the flat state normalised without weight."""
     return fn @ rms_norm(X.reshape(-1), None, eps)
 
 
 def sinkhorn(C0: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """§4.1 step 4: row softmax + eps, column normalise; then (iters - 1) times row normalise and
+    """HC pre step 4: row softmax + eps, column normalise; then (iters - 1) times row normalise and
     column normalise, each dividing by (sum + eps)."""
     C = softmax(C0, axis=1) + eps
     C = C / (C.sum(axis=0, keepdims=True) + eps)
@@ -186,11 +189,11 @@ def sinkhorn(C0: np.ndarray, iters: int, eps: float) -> np.ndarray:
 
 def hc_split(mix: np.ndarray, scale: np.ndarray, base: np.ndarray, n_hc: int, iters: int,
              eps: float) -> HCSplit:
-    """§4.1 step 3: pre = sigmoid(s0 mix + b) + eps, post = 2 sigmoid(s1 mix + b),
+    """HC pre step 3: pre = sigmoid(s0 mix + b) + eps, post = 2 sigmoid(s1 mix + b),
     C0[i][j] = s2 mix[2M + M i + j] + b (row i = source), then Sinkhorn.
 
-    CHOICE: ds4-forward.md §4.1/§4.2 put C[i][j] (i = source, j = destination) at flat offset
-    2M + M i + j; ds4-gguf-layout.md §5.5 says "index src + 4 dst", the transpose. The forward doc
+    CHOICE: ds4-forward.md (HC pre and HC post) puts C[i][j] (i = source, j = destination) at flat offset
+    2M + M i + j; ds4-gguf-layout.md (the indexer's tensors) says "index src + 4 dst", the transpose. The forward doc
     (which cites `hc_post_one` and the reference `hc_post`) is followed."""
     M = n_hc
     z = np.empty_like(mix)
@@ -206,20 +209,20 @@ def hc_split(mix: np.ndarray, scale: np.ndarray, base: np.ndarray, n_hc: int, it
 
 def hc_pre(X: np.ndarray, fn: np.ndarray, scale: np.ndarray, base: np.ndarray,
            config: ModelConfig) -> tuple[np.ndarray, HCSplit]:
-    """§4.1 HC pre: the sublayer input y = sum_m pre_m X[m] (raw X) and the split for HC post."""
+    """HC pre: the sublayer input y = sum_m pre_m X[m] (raw X) and the split for HC post."""
     mix = hc_mix(X, fn, config.rms_eps)
     s = hc_split(mix, scale, base, config.n_hc, config.hc_sinkhorn_iters, config.hc_eps)
     return s.pre @ X, s
 
 
 def hc_post(X: np.ndarray, out: np.ndarray, s: HCSplit) -> np.ndarray:
-    """§4.2 HC post: X'[j] = post_j out + sum_i C[i][j] X[i] (X = the state HC pre saw)."""
+    """HC post: X'[j] = post_j out + sum_i C[i][j] X[i] (X = the state HC pre saw)."""
     return s.post[:, None] * out[None, :] + s.comb.T @ X
 
 
 def hc_head_collapse(X: np.ndarray, fn: np.ndarray, scale: np.ndarray, base: np.ndarray,
                      config: ModelConfig) -> np.ndarray:
-    """§4.4 final collapse: w = sigmoid(fn . RMSNorm(flat X) * scale[0] + base) + eps,
+    """Final collapse: w = sigmoid(fn . RMSNorm(flat X) * scale[0] + base) + eps,
     h = sum_m w_m X[m] (no Sinkhorn, no normalisation of w)."""
     q = hc_mix(X, fn, config.rms_eps)
     w = sigmoid(q * scale[0] + base) + config.hc_eps
@@ -227,12 +230,12 @@ def hc_head_collapse(X: np.ndarray, fn: np.ndarray, scale: np.ndarray, base: np.
 
 
 # =================================================================================================
-# §5.3 RoPE / YaRN
+# RoPE / YaRN
 # =================================================================================================
 
 def yarn_corr_range(n_rot: int, base: float, orig_ctx: int, beta_fast: float,
                     beta_slow: float) -> tuple[int, int]:
-    """§5.3 corr(beta) = n_rot ln(orig / (2 pi beta)) / (2 ln base);
+    """corr(beta) = n_rot ln(orig / (2 pi beta)) / (2 ln base);
     (low, high) = (max(0, floor(corr(beta_fast))), min(n_rot - 1, ceil(corr(beta_slow))))."""
     def corr(beta: float) -> float:
         return n_rot * math.log(orig_ctx / (2.0 * math.pi * beta)) / (2.0 * math.log(base))
@@ -240,14 +243,14 @@ def yarn_corr_range(n_rot: int, base: float, orig_ctx: int, beta_fast: float,
 
 
 def yarn_gamma(n_rot: int, low: int, high: int) -> np.ndarray:
-    """§5.3 gamma_k = 1 - clamp((k - low) / max(0.001, high - low), 0, 1), k = 0..n_rot/2-1."""
+    """gamma_k = 1 - clamp((k - low) / max(0.001, high - low), 0, 1), k = 0..n_rot/2-1."""
     k = np.arange(n_rot // 2, dtype=np.float64)
     return 1.0 - np.clip((k - low) / max(0.001, high - low), 0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class Rope:
-    """§5.3 one RoPE flavour: rotates the last `n_rot` dims in interleaved pairs
+    """One RoPE flavour: rotates the last `n_rot` dims in interleaved pairs
     (x[-n_rot + 2k], x[-n_rot + 2k + 1]) by theta_k(p) = p * freq_k."""
 
     n_rot: int
@@ -258,7 +261,7 @@ class Rope:
     beta_slow: float = 1.0
 
     def freqs(self) -> np.ndarray:
-        """§5.3 per-pair angular frequency: f_k = base^(-2k/n_rot), YaRN-mixed
+        """Per-pair angular frequency: f_k = base^(-2k/n_rot), YaRN-mixed
         f_k (gamma_k + (1 - gamma_k) / factor) when scaled."""
         k = np.arange(self.n_rot // 2, dtype=np.float64)
         f = self.base ** (-2.0 * k / self.n_rot)
@@ -269,12 +272,12 @@ class Rope:
         return f * (g + (1.0 - g) / self.yarn_factor)
 
     def theta(self, pos: int) -> np.ndarray:
-        """§5.3 the angles theta_k(p) = p * freq_k."""
+        """The angles theta_k(p) = p * freq_k."""
         return float(pos) * self.freqs()
 
 
 def apply_rope(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """§5.3 rotate the last 2*len(theta) dims of x (any leading axes) in interleaved pairs:
+    """Rotate the last 2*len(theta) dims of x (any leading axes) in interleaved pairs:
     x0' = x0 cos - x1 sin, x1' = x0 sin + x1 cos. Pass -theta for the inverse rotation."""
     n = 2 * len(theta)
     out = np.array(x, dtype=np.float64)
@@ -287,7 +290,7 @@ def apply_rope(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
 
 def rope_for_layer(config: ModelConfig, ratio: int, n_rot: int | None = None) -> Rope:
-    """§5.3 ratio-0 layers (and the MTP block): base rope_freq_base, no scaling; compressed layers:
+    """Ratio-0 layers (and the MTP block): base rope_freq_base, no scaling; compressed layers:
     compress_rope_freq_base with YaRN, for every RoPE use in the layer."""
     n_rot = config.n_rot if n_rot is None else n_rot
     if ratio == 0:
@@ -297,18 +300,18 @@ def rope_for_layer(config: ModelConfig, ratio: int, n_rot: int | None = None) ->
 
 
 def indexer_rot_dims(config: ModelConfig) -> int:
-    """§5.5 RoPE width of indexer vectors: the last n_rot dims of each indexer head (64 of 128 in
+    """RoPE width of indexer vectors: the last n_rot dims of each indexer head (64 of 128 in
     the published model; the config requires indexer_head_dim >= n_rot)."""
     return config.n_rot
 
 
 # =================================================================================================
-# §5.4 / §5.5 compressors, §6 cache state
+# Compressors, cache state
 # =================================================================================================
 
 @dataclass
 class CompressorState:
-    """§5.4 / §6 one compressor: its frontier (the not-yet-complete window of kv/score rows) and
+    """One compressor: its frontier (the not-yet-complete window of kv/score rows) and
     its emitted rows.
 
     Ratio r with overlap (r = 4): 2r state rows, rows [0, r) the previous window, [r, 2r) the
@@ -339,7 +342,7 @@ class CompressorState:
 
 
 def compressor_pool(state: CompressorState) -> np.ndarray:
-    """§5.4 pooling at emission: per dim, a softmax over the window's scores weights its values.
+    """Pooling at emission: per dim, a softmax over the window's scores weights its values.
     Overlap (ratio 4): 2r candidates, the previous window's first halves and the current window's
     second halves. Otherwise the r rows of the window, full width."""
     r = state.ratio
@@ -354,7 +357,7 @@ def compressor_pool(state: CompressorState) -> np.ndarray:
 
 def compressor_update(state: CompressorState, a: np.ndarray, W_kv: np.ndarray, W_gate: np.ndarray,
                       ape: np.ndarray, pos: int) -> np.ndarray | None:
-    """§5.4 per-token update: kvp = W_kv a, scp = W_gate a + ape[p mod r] go to state row
+    """Per-token update: kvp = W_kv a, scp = W_gate a + ape[p mod r] go to state row
     p mod r (r + p mod r with overlap). When (p + 1) mod r == 0 the window is pooled and the pooled
     vector returned (the caller finalises it into a row); with overlap the current rows then move
     to the previous-window rows. Otherwise returns None."""
@@ -373,7 +376,7 @@ def compressor_update(state: CompressorState, a: np.ndarray, W_kv: np.ndarray, W
 
 def finalize_comp_row(pooled: np.ndarray, norm_w: np.ndarray, rope: Rope, row_pos: int,
                       config: ModelConfig, qat: bool) -> np.ndarray:
-    """§5.4 row finalisation: RMSNorm(pooled) with the compressor norm, RoPE on the last n_rot dims
+    """Row finalisation: RMSNorm(pooled) with the compressor norm, RoPE on the last n_rot dims
     at the window's first position r*k, FP8 on the non-RoPE dims, f16 storage."""
     c = rms_norm(pooled, norm_w, config.rms_eps)
     c = apply_rope(c, rope.theta(row_pos))
@@ -382,7 +385,7 @@ def finalize_comp_row(pooled: np.ndarray, norm_w: np.ndarray, rope: Rope, row_po
 
 def finalize_index_row(pooled: np.ndarray, norm_w: np.ndarray, rope: Rope, row_pos: int,
                        config: ModelConfig, qat: bool) -> np.ndarray:
-    """§5.5 indexer row finalisation: RMSNorm with the indexer compressor norm, RoPE on the last
+    """Indexer row finalisation: RMSNorm with the indexer compressor norm, RoPE on the last
     dims at r*k, Hadamard + FP4 over all dims, f16 storage."""
     c = rms_norm(pooled, norm_w, config.rms_eps)
     c = apply_rope(c, rope.theta(row_pos))
@@ -390,7 +393,7 @@ def finalize_index_row(pooled: np.ndarray, norm_w: np.ndarray, rope: Rope, row_p
 
 
 def kv_row_qat(kv: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """§5.2 / §10.2 a KV row as cached: FP8 round trip of dims [0, head_dim - n_rot) (the RoPE tail
+    """A KV row as cached: FP8 round trip of dims [0, head_dim - n_rot) (the RoPE tail
     stays unquantised), then f16 rounding of all dims."""
     n_nope = config.head_dim - config.n_rot
     out = np.array(kv, dtype=np.float64)
@@ -400,7 +403,7 @@ def kv_row_qat(kv: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 @dataclass
 class LayerCache:
-    """§6 what one trunk layer carries between tokens: the raw sliding window (last n_swa rows,
+    """What one trunk layer carries between tokens: the raw sliding window (last n_swa rows,
     cache-rounded), and for compressed layers the attention compressor (frontier + rows) and, for
     ratio 4, the indexer compressor."""
 
@@ -412,7 +415,7 @@ class LayerCache:
     last_selected: np.ndarray | None = None  # compressed rows the last query attended (ids, ascending)
 
     def push_raw(self, pos: int, row: np.ndarray) -> np.ndarray:
-        """§5.2 push the current token's row (before attention) and return the window: the current
+        """Push the current token's row (before attention) and return the window: the current
         token and the n_swa - 1 previous ones, oldest first."""
         self.raw.append((pos, row))
         if len(self.raw) > self.n_swa:
@@ -426,7 +429,7 @@ class LayerCache:
 
 @dataclass
 class MTPCache:
-    """§11 the MTP block's own raw ring: rows by absolute position and the valid-row counter
+    """The MTP block's own raw ring: rows by absolute position and the valid-row counter
     mtp_n_raw (capped at the window). Any prefill sets the counter to 0."""
 
     n_swa: int
@@ -434,7 +437,7 @@ class MTPCache:
     n_raw: int = 0
 
     def push_raw(self, pos: int, row: np.ndarray) -> np.ndarray:
-        """§11 step 4: write the row for position q, then attend min(n_raw + 1, n_swa) rows ending
+        """MTP step 4: write the row for position q, then attend min(n_raw + 1, n_swa) rows ending
         at q, oldest first.
 
         CHOICE: ds4 reads ring slots (slot = pos mod raw_cap, raw_cap > window, contents never
@@ -448,12 +451,12 @@ class MTPCache:
 
 
 # =================================================================================================
-# §5 Attention sublayer
+# Attention sublayer
 # =================================================================================================
 
 def query_path(a: np.ndarray, W_qa: np.ndarray, qa_norm: np.ndarray, W_qb: np.ndarray, rope: Rope,
                pos: int, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """§5.1 qn = RMSNorm(W_qa a) (kept for the indexer); q = W_qb qn as heads x head_dim, each head
+    """Query path: qn = RMSNorm(W_qa a) (kept for the indexer); q = W_qb qn as heads x head_dim, each head
     RMS-normalised without weight, RoPE on its last n_rot dims at p. Returns (q, qn)."""
     qn = rms_norm(W_qa @ a, qa_norm, config.rms_eps)
     q = (W_qb @ qn).reshape(config.n_head, config.head_dim)
@@ -463,7 +466,7 @@ def query_path(a: np.ndarray, W_qa: np.ndarray, qa_norm: np.ndarray, W_qb: np.nd
 
 def kv_path(a: np.ndarray, W_kv: np.ndarray, kv_norm: np.ndarray, rope: Rope, pos: int,
             config: ModelConfig, qat: bool) -> np.ndarray:
-    """§5.2 the shared K=V row: RMSNorm(W_kv a), RoPE on the last n_rot dims at p, then as cached
+    """The shared K=V row: RMSNorm(W_kv a), RoPE on the last n_rot dims at p, then as cached
     (FP8 on the non-RoPE dims, f16 rounding)."""
     kv = rms_norm(W_kv @ a, kv_norm, config.rms_eps)
     kv = apply_rope(kv, rope.theta(pos))
@@ -473,7 +476,7 @@ def kv_path(a: np.ndarray, W_kv: np.ndarray, kv_norm: np.ndarray, rope: Rope, po
 def indexer_scores(qn: np.ndarray, a: np.ndarray, W_iqb: np.ndarray, W_proj: np.ndarray,
                    index_rows: np.ndarray, rope: Rope, pos: int, config: ModelConfig,
                    qat: bool) -> np.ndarray:
-    """§5.5 indexer scores of every index row: qI = W_iqb qn (heads x indexer_head_dim), RoPE at p,
+    """Indexer scores of every index row: qI = W_iqb qn (heads x indexer_head_dim), RoPE at p,
     Hadamard + FP4; wI = (W_proj a) / sqrt(indexer_head_dim * n_indexer_head);
     score[c] = sum_h wI_h max(0, qI_h . KI[c]).
 
@@ -488,7 +491,7 @@ def indexer_scores(qn: np.ndarray, a: np.ndarray, W_iqb: np.ndarray, W_proj: np.
 
 
 def indexer_select(n_comp: int, top_k: int, scores_fn) -> np.ndarray:
-    """§5.5 the compressed rows a query attends: all of them when n_comp <= top_k (the indexer is
+    """The compressed rows a query attends: all of them when n_comp <= top_k (the indexer is
     not evaluated), else the top_k highest scores, ties to the lower index. Ascending ids."""
     if n_comp <= top_k:
         return np.arange(n_comp)
@@ -496,7 +499,7 @@ def indexer_select(n_comp: int, top_k: int, scores_fn) -> np.ndarray:
 
 
 def sink_softmax_weights(logits: np.ndarray, sink: float) -> np.ndarray:
-    """§5.6 attention weights with a sink: e^(l_r - m) / (e^(sink - m) + sum_r e^(l_r - m)),
+    """Attention weights with a sink: e^(l_r - m) / (e^(sink - m) + sum_r e^(l_r - m)),
     m = max(sink, max l). They sum to less than 1; the sink has no value."""
     m = max(float(sink), float(np.max(logits))) if len(logits) else float(sink)
     e = np.exp(logits - m)
@@ -504,7 +507,7 @@ def sink_softmax_weights(logits: np.ndarray, sink: float) -> np.ndarray:
 
 
 def attention_with_sinks(q: np.ndarray, rows: np.ndarray, sinks: np.ndarray) -> np.ndarray:
-    """§5.6 per head h: l_r = q_h . v_r / sqrt(head_dim) over the row set, sink-softmax weights,
+    """Attention per head h: l_r = q_h . v_r / sqrt(head_dim) over the row set, sink-softmax weights,
     o_h = sum_r w_r v_r (each row is both key and value)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = np.empty_like(q)
@@ -515,7 +518,7 @@ def attention_with_sinks(q: np.ndarray, rows: np.ndarray, sinks: np.ndarray) -> 
 
 
 def grouped_output(o: np.ndarray, W_oa: np.ndarray, W_ob: np.ndarray, n_group: int) -> np.ndarray:
-    """§5.7 grouped low-rank output: group g's heads, concatenated, go through its block of rows of
+    """Grouped low-rank output: group g's heads, concatenated, go through its block of rows of
     W_oa (o_lora_rank each); the concatenated lows go through W_ob."""
     lora = W_oa.shape[0] // n_group
     groups = o.reshape(n_group, -1)  # heads are consecutive: group g = heads g*H/G .. (g+1)*H/G - 1
@@ -524,12 +527,12 @@ def grouped_output(o: np.ndarray, W_oa: np.ndarray, W_ob: np.ndarray, n_group: i
 
 
 # =================================================================================================
-# §7 MoE FFN
+# MoE FFN
 # =================================================================================================
 
 def router(f: np.ndarray, W_inp: np.ndarray, bias: np.ndarray | None, hash_ids: np.ndarray | None,
            n_used: int, weights_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """§7.1 prob = sqrt(softplus(W_inp f)); experts = the token's hash row (hash layers) or the top
+    """Router: prob = sqrt(softplus(W_inp f)); experts = the token's hash row (hash layers) or the top
     n_used of prob + bias (ties to the lower index); weights = prob[S] / max(sum, 6.1035e-5) * scale
     with the unbiased probs. Returns (expert ids, weights)."""
     prob = np.sqrt(softplus(W_inp @ f))
@@ -542,13 +545,13 @@ def router(f: np.ndarray, W_inp: np.ndarray, bias: np.ndarray | None, hash_ids: 
 
 
 def swiglu_clamped(g: np.ndarray, u: np.ndarray, clamp: float) -> np.ndarray:
-    """§7.2 SwiGLU with ds4's clamps: gate <= clamp (upper only), up in [-clamp, clamp]."""
+    """SwiGLU with ds4's clamps: gate <= clamp (upper only), up in [-clamp, clamp]."""
     return silu(np.minimum(g, clamp)) * np.clip(u, -clamp, clamp)
 
 
 def routed_experts(f: np.ndarray, ids: np.ndarray, weights: np.ndarray, W_gate: np.ndarray,
                    W_up: np.ndarray, W_down: np.ndarray, clamp: float) -> np.ndarray:
-    """§7.2 y = sum_k W_down[e_k] (swiglu(W_gate[e_k] f, W_up[e_k] f) * w_k): the route weight is
+    """Routed experts: y = sum_k W_down[e_k] (swiglu(W_gate[e_k] f, W_up[e_k] f) * w_k): the route weight is
     applied before the down projection."""
     y = np.zeros(W_down.shape[1])
     for e, w in zip(ids, weights):
@@ -559,24 +562,24 @@ def routed_experts(f: np.ndarray, ids: np.ndarray, weights: np.ndarray, W_gate: 
 
 def shared_expert(f: np.ndarray, W_gate: np.ndarray, W_up: np.ndarray, W_down: np.ndarray,
                   clamp: float) -> np.ndarray:
-    """§7.3 the always-on shared expert, with the same SwiGLU clamps."""
+    """The always-on shared expert, with the same SwiGLU clamps."""
     return W_down @ swiglu_clamped(W_gate @ f, W_up @ f, clamp)
 
 
 # =================================================================================================
-# §8 head, §11 MTP input
+# Head, MTP input
 # =================================================================================================
 
 def output_head(X: np.ndarray, hc_fn: np.ndarray, hc_scale: np.ndarray, hc_base: np.ndarray,
                 norm_w: np.ndarray, W_out: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """§8 logits = W_out . RMSNorm_norm(HC-collapse(X))."""
+    """Head: logits = W_out . RMSNorm_norm(HC-collapse(X))."""
     h = hc_head_collapse(X, hc_fn, hc_scale, hc_base, config)
     return W_out @ rms_norm(h, norm_w, config.rms_eps)
 
 
 def mtp_input(emb: np.ndarray, P: np.ndarray, enorm: np.ndarray, e_proj: np.ndarray,
               hnorm: np.ndarray, h_proj: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """§11 steps 1-3: X = broadcast(e_proj RMSNorm_enorm(emb)) + h_proj RMSNorm_hnorm(P[m]) per
+    """MTP steps 1-3: X = broadcast(e_proj RMSNorm_enorm(emb)) + h_proj RMSNorm_hnorm(P[m]) per
     stream."""
     e_hat = e_proj @ rms_norm(emb, enorm, config.rms_eps)
     h_hat = rms_norm(P, hnorm, config.rms_eps) @ h_proj.T
@@ -584,7 +587,7 @@ def mtp_input(emb: np.ndarray, P: np.ndarray, enorm: np.ndarray, e_proj: np.ndar
 
 
 # =================================================================================================
-# The model: §3 top level, §4.3 layer skeleton, §6 caches, §9 prefill, §11 MTP
+# The model: top level, layer skeleton, caches, prefill, MTP
 # =================================================================================================
 
 class ReferenceModel:
@@ -603,13 +606,13 @@ class ReferenceModel:
     # -- state ---------------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Empty caches at position 0 (§6 initial state: no rows, frontier values 0, scores -inf)."""
+        """Empty caches at position 0 (the initial cache state: no rows, frontier values 0, scores -inf)."""
         c = self.config
         self.pos = 0
         self.caches = [self._new_layer_cache(il) for il in range(c.n_layer)]
         self.final_hc: np.ndarray | None = None
         self.mtp_cache = MTPCache(c.n_swa)
-        self.mtp_hc: np.ndarray | None = None  # the MTP block's last output HC state (§11 step 6)
+        self.mtp_hc: np.ndarray | None = None  # the MTP block's last output HC state (MTP step 6)
 
     def _new_layer_cache(self, il: int) -> LayerCache:
         c, p, r = self.config, f"blk.{il}.", self.config.ratio(il)
@@ -628,15 +631,15 @@ class ReferenceModel:
         """Return to a state taken with `snapshot`."""
         self.pos, self.caches, self.final_hc, self.mtp_cache, self.mtp_hc = copy.deepcopy(snap)
 
-    # -- §3 top level ----------------------------------------------------------------------------
+    # -- Top level ----------------------------------------------------------------------------
 
     def decode(self, token: int) -> np.ndarray:
-        """§3 one decode step: token at position self.pos through every layer, updating the caches;
+        """One decode step: token at position self.pos through every layer, updating the caches;
         returns the logits (n_vocab,) and advances the position."""
         c, w = self.config, self.w
         if not 0 <= int(token) < c.n_vocab:
             raise Ds4Error(f"token id {token} outside the vocabulary [0, {c.n_vocab})")
-        X = np.repeat(w["token_embd.weight"][int(token)][None, :], c.n_hc, axis=0)  # §3 steps 1-2
+        X = np.repeat(w["token_embd.weight"][int(token)][None, :], c.n_hc, axis=0)  # top-level steps 1-2
         for il in range(c.n_layer):
             X = self._layer(w, f"blk.{il}.", X, self.pos, int(token), self.caches[il], il, c.ratio(il))
         self.final_hc = X
@@ -645,14 +648,14 @@ class ReferenceModel:
                            w["output_hc_base.weight"], w["output_norm.weight"], w["output.weight"], c)
 
     def prefill(self, tokens) -> np.ndarray:
-        """§9 a prompt from the current position; returns the logits of its last token.
+        """A prompt from the current position; returns the logits of its last token.
 
-        §9 defines batched prefill as exactly the sequential decode (causal: the same raw window,
-        the same compressor emissions, a per-token indexer selection over the rows visible to that
-        token), so this loops `decode`. This follows the CPU semantics; the GPU chunked path, which
-        runs the indexer only when the chunk-final n_comp exceeds top_k and masks invisible rows,
-        is documented to give the same selections (§9, §14 question 6) and differs only in
-        rounding (§10.4). Like ds4, any prefill resets the MTP raw-row counter."""
+        The forward doc defines batched prefill as exactly the sequential decode (causal: the same
+        raw window, the same compressor emissions, a per-token indexer selection over the rows
+        visible to that token), so this loops `decode`. This follows the CPU semantics; the GPU
+        chunked path, which runs the indexer only when the chunk-final n_comp exceeds top_k and
+        masks invisible rows, is documented to give the same selections (its prefill section and
+        open question 6) and differs only in rounding. Like ds4, any prefill resets the MTP raw-row counter."""
         tokens = list(tokens)
         if not tokens:
             raise Ds4Error("prefill needs at least one token")
@@ -661,11 +664,11 @@ class ReferenceModel:
             logits = self.decode(t)
         return logits
 
-    # -- §4.3 layer skeleton ---------------------------------------------------------------------
+    # -- Layer skeleton ---------------------------------------------------------------------
 
     def _layer(self, w: dict, p: str, X: np.ndarray, pos: int, token: int, cache, il: int,
                ratio: int) -> np.ndarray:
-        """§4.3 attention sublayer then FFN sublayer, each wrapped in HC pre / HC post. `w` holds
+        """Attention sublayer then FFN sublayer, each wrapped in HC pre / HC post. `w` holds
         the block's tensors under prefix `p`; `cache` is its LayerCache (or the MTPCache)."""
         c = self.config
         y, A = hc_pre(X, w[p + "hc_attn_fn.weight"], w[p + "hc_attn_scale.weight"], w[p + "hc_attn_base.weight"], c)
@@ -675,10 +678,10 @@ class ReferenceModel:
         f = rms_norm(y, w[p + "ffn_norm.weight"], c.rms_eps)
         return hc_post(X1, self._ffn(w, p, f, token, il), B)
 
-    # -- §5 attention ------------------------------------------------------------------------------
+    # -- Attention ------------------------------------------------------------------------------
 
     def _attention(self, w: dict, p: str, a: np.ndarray, pos: int, cache, ratio: int) -> np.ndarray:
-        """§5 query and KV paths, raw push, compressor updates and emissions (before attention),
+        """Query and KV paths, raw push, compressor updates and emissions (before attention),
         indexer selection, attention with sinks over raw + visible compressed rows, inverse RoPE,
         grouped output."""
         c, qat = self.config, self.qat
@@ -704,12 +707,12 @@ class ReferenceModel:
                 rows = np.concatenate([rows, comp.stacked(c.head_dim)[selected]])
 
         o = attention_with_sinks(q, rows, w[p + "attn_sinks.weight"])
-        o = apply_rope(o, -rope.theta(pos))  # §5.7 inverse RoPE on each head's output
+        o = apply_rope(o, -rope.theta(pos))  # inverse RoPE on each head's output (grouped output)
         return grouped_output(o, w[p + "attn_output_a.weight"], w[p + "attn_output_b.weight"], c.n_out_group)
 
     def _indexer(self, w: dict, p: str, a: np.ndarray, qn: np.ndarray, pos: int,
                  cache: LayerCache) -> np.ndarray:
-        """§5.5 the indexer compressor update (every token, in step with the attention compressor)
+        """The indexer compressor update (every token, in step with the attention compressor)
         and the selection of compressed rows for this query."""
         c = self.config
         irope = rope_for_layer(c, 4, indexer_rot_dims(c))
@@ -724,10 +727,10 @@ class ReferenceModel:
             qn, a, w[p + "indexer.attn_q_b.weight"], w[p + "indexer.proj.weight"],
             icomp.stacked(c.indexer_head_dim), irope, pos, c, self.qat))
 
-    # -- §7 FFN ----------------------------------------------------------------------------------
+    # -- FFN ----------------------------------------------------------------------------------
 
     def _ffn(self, w: dict, p: str, f: np.ndarray, token: int, il: int) -> np.ndarray:
-        """§7 router (hash rows when the layer has ffn_gate_tid2eid, else biased top-k), routed
+        """Router (hash rows when the layer has ffn_gate_tid2eid, else biased top-k), routed
         experts plus the shared expert."""
         c = self.config
         tid2eid = w.get(p + "ffn_gate_tid2eid.weight")
@@ -739,11 +742,11 @@ class ReferenceModel:
         return y + shared_expert(f, w[p + "ffn_gate_shexp.weight"], w[p + "ffn_up_shexp.weight"],
                                  w[p + "ffn_down_shexp.weight"], clamp)
 
-    # -- §11 MTP ---------------------------------------------------------------------------------
+    # -- MTP ---------------------------------------------------------------------------------
 
     def mtp_draft(self, mtp_weights: dict[str, np.ndarray], hc_state: np.ndarray, token: int,
                   pos: int) -> np.ndarray:
-        """§11 one MTP step: input from (token, hc_state), the mtp.0 block run as layer il = 1
+        """One MTP step: input from (token, hc_state), the mtp.0 block run as layer il = 1
         (ratio 0: raw window only with the MTP's own cache, RoPE base rope_freq_base without YaRN,
         biased top-k routing since no tid2eid is bound), then the head with mtp.0.hc_head_* and
         mtp.0.norm over the base `output` matrix. Returns the draft logits; the block's output HC
@@ -781,9 +784,6 @@ def load_reference_weights(model_file, max_elements: int = 1 << 27) -> dict[str,
     tensors and dequantised quant types as float64 in (out, in) order, I32 tensors as int64.
 
     Meant for tiny models: refuses files with more than `max_elements` weights (float64 copies)."""
-    from gguf import GGMLQuantizationType as QT
-    from gguf.quants import dequantize
-
     total = sum(int(np.prod(t.dims)) for t in model_file.tensors.values())
     if total > max_elements:
         raise Ds4Error(f"{model_file.path}: {total} weights is too many for the float64 reference "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
@@ -29,8 +29,8 @@ from ds4.atomic import atomic_write
 from ds4.config import LayerKind
 from ds4.errors import Ds4Error
 from ds4.loader import ModelFile, open_model, open_mtp
-from ds4.model import MAX_VERIFY_ROWS, StepOut
-from ds4.mtp import MTPState
+from ds4.model import MAX_VERIFY_ROWS, Model, StepOut
+from ds4.mtp import MTPHead, MTPState
 from ds4.numerics import NEG_INF, Numerics
 from ds4.state import Frontier, LayerState, StepState, frontier_rows
 
@@ -56,9 +56,6 @@ class Engine:
 
     def __init__(self, model_path: str, model_file: ModelFile | None = None, numerics: Numerics = Numerics(),
                  mtp_path: str | None = None):
-        from ds4.model import Model
-        from ds4.mtp import MTPHead
-
         self.file = model_file or open_model(model_path)
         self.config = self.file.config
         self.tokenizer = self.file.tokenizer()
@@ -507,29 +504,29 @@ def _frontier_from_payload(kv: np.ndarray, score: np.ndarray, n: int, kind: Laye
                     mx.concatenate([empty.score, mx.array(score)])[f:f + R])
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sampler:
     """Temperature / top-k / top-p / min-p sampling on the device; temperature 0 is greedy.
 
-    Each call draws from the next key of a seeded stream, so a run is reproducible."""
+    Stateful: each call draws with the next key of a stream seeded by `seed` (`key` advances), so
+    a run is reproducible and two samplers with one seed draw the same tokens."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.05
     seed: int | None = None
+    key: mx.array = field(init=False, repr=False, compare=False)  # the stream's next key
 
     def __post_init__(self):
-        object.__setattr__(self, "_key", [mx.random.key(self.seed if self.seed is not None
-                                                        else int.from_bytes(os.urandom(4), "little"))])
+        self.key = mx.random.key(self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little"))
 
     def __call__(self, logits: mx.array) -> int:
         if not bool(mx.all(mx.isfinite(logits))):
             raise SessionError("non-finite logits")
         if self.temperature <= 0:
             return int(mx.argmax(logits))
-        key, sub = mx.random.split(self._key[0])
-        self._key[0] = key
+        self.key, sub = mx.random.split(self.key)
         x = logits.astype(mx.float32) / self.temperature
         if self.top_k > 0 and self.top_k < x.shape[-1]:
             kth = mx.sort(x)[-self.top_k]

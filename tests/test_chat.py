@@ -1,4 +1,4 @@
-"""Chat rendering tests (ds4 §9.2 one-shot prompts, §9.3 REPL transcript) on a synthetic vocab."""
+"""Chat rendering tests (ds4's one-shot prompts and REPL transcript) on a synthetic vocab."""
 
 from __future__ import annotations
 

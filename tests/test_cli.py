@@ -4,12 +4,14 @@ dumps, token dumps, the interactive chat, and errors as one line with the right 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from ds4 import kernels
 from ds4.chat import render_prompt, ThinkMode
 from ds4.session import Engine, Session
 
@@ -117,3 +119,21 @@ def test_bad_prompt_tokens_file(tiny_paths, tmp_path):
     p.write_text("[1, 2, 99999]")
     r = ds4("-m", str(tiny_paths[0]), "--prompt-tokens", str(p))
     assert r.returncode == 1 and r.stderr.startswith(f"ds4: {p}: prompt tokens must be")
+
+
+def test_quality_runs_the_reference_kernels(tiny_paths, tmp_path):
+    """--quality is strict everything: every op's reference, as DS4_KERNELS=reference gives."""
+    with kernels.reference_kernels():
+        assert kernels.reference_only() and kernels.lookup("rms_norm") is kernels.reference("rms_norm")
+    assert kernels.lookup("rms_norm") is not kernels.reference("rms_norm")  # a fast entry exists ("any")
+    args = ["-m", str(tiny_paths[0]), "-p", "Quel ramo", "-n", "4", "--temp", "0", "--nothink", "--ctx", "256"]
+    env = {k: v for k, v in os.environ.items() if k != "DS4_KERNELS"}
+    runs = {}
+    for name, extra, kernel_env in (("quality", ["--quality"], {}), ("env", [], {"DS4_KERNELS": "reference"})):
+        path = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, "-c", "from ds4.cli import main; main()", *args, *extra,
+                            "--dump-logprobs", str(path)], capture_output=True, text=True, timeout=300,
+                           env={**env, **kernel_env})
+        assert r.returncode == 0, r.stderr
+        runs[name] = json.loads(path.read_text())
+    assert runs["quality"]["steps"] == runs["env"]["steps"]

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ds4 import train
 from ds4.chat import ThinkMode, render_prompt
-from ds4.generate import generate, generate_speculative
+from ds4.decode import Speculative, generate
 from ds4.loader import (
     EMBEDDED_MODEL,
     EMBEDDED_MTP,
@@ -25,7 +25,7 @@ from ds4.loader import (
     open_mtp,
 )
 from ds4.session import Engine, Sampler, Session
-from ds4.speculative import SpecOptions, SpecStats
+from ds4.speculative import SpecOptions
 from ds4.tokenizer import BOS
 
 CORPUS = Path(__file__).resolve().parents[1] / "speed-bench" / "promessi_sposi.txt"
@@ -125,9 +125,8 @@ def test_speculation_commits_several_tokens_per_pass_on_copy(engine, corpus):
     passage = corpus.valid[500:580].tolist()
     prompt = passage + tok.encode("\n\n") + passage[:8]
     plain = generate(Session(engine, 512), prompt, 48, Sampler(temperature=0.0), tok.eos_id)
-    stats = SpecStats()
-    spec = generate_speculative(Session(engine, 512), prompt, 48, tok.eos_id, SpecOptions(draft=1, margin=0),
-                                stats, adaptive=False)
+    spec = generate(Session(engine, 512), prompt, 48, Speculative(SpecOptions(draft=1, margin=0)), tok.eos_id)
+    stats = spec.spec
     assert spec.generated == plain.generated
     assert stats.accepted[0] / stats.proposed[0] > 0.6
     assert stats.trunk_passes / stats.committed < 0.7

@@ -78,7 +78,7 @@ def test_tiny_preset_loads_with_its_mtp(tiny_paths):
 
 
 def test_published_shapes_and_counts():
-    """The full-size layout has the published tensor count and byte budget (layout doc §1.2, §5.3)."""
+    """The full-size layout has the published tensor count and byte budget (layout doc: the published files and their tensors)."""
     c = ModelConfig()
     specs = base_tensor_specs(c)
     n_bias = sum(1 for il in range(c.n_layer) if not c.is_hash_layer(il))

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ds4.chat import ThinkMode, render_prompt
-from ds4.generate import generate
+from ds4.decode import generate
 from ds4.oracle import MTP_PROMPT, Check, check_logprob_vectors, read_vectors, verify_depth, write_vectors
 from ds4.session import Engine, Sampler, Session
 from ds4.speculative import SpecOptions

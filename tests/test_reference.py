@@ -156,7 +156,7 @@ def test_hadamard_is_sylvester_and_orthonormal():
         np.testing.assert_allclose(np.linalg.norm(ref.hadamard(x), axis=1), np.linalg.norm(x, axis=1))
 
 
-# -- §4 HC ------------------------------------------------------------------------------------------
+# -- HC ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spread", [0.1, 1.0, 2.0])
 def test_sinkhorn_is_doubly_stochastic(spread):
@@ -211,7 +211,7 @@ def test_hc_pre_and_head_collapse_formulas(tiny):
     np.testing.assert_allclose(ref.hc_head_collapse(X, hfn, hsc, hbase, config), wts @ X, rtol=1e-12)
 
 
-# -- §5.3 RoPE / YaRN -----------------------------------------------------------------------------
+# -- RoPE / YaRN -----------------------------------------------------------------------------
 
 def test_rope_is_a_rotation_of_the_tail_and_inverse_undoes_it(tiny):
     config = tiny[0]
@@ -239,7 +239,7 @@ def test_rope_is_a_rotation_of_the_tail_and_inverse_undoes_it(tiny):
 
 
 def test_yarn_frequencies_match_doc_formula():
-    # §5.3 with the published constants: low = 15, high = 25
+    # YaRN with the published constants: low = 15, high = 25
     assert ref.yarn_corr_range(64, 160000.0, 65536, 32.0, 1.0) == (15, 25)
     rope = ref.Rope(64, 160000.0, 16.0, 65536, 32.0, 1.0)
     f = rope.freqs()
@@ -260,7 +260,7 @@ def test_rope_choice_per_layer(tiny):
         assert rope.base == 160000.0 and rope.yarn_factor == 16.0
 
 
-# -- §5.4 compressor -------------------------------------------------------------------------------
+# -- Compressor -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio", [4, 128])
 def test_compressor_emission_and_pooling(ratio):
@@ -313,7 +313,7 @@ def test_model_compressor_row_counts(tiny, long_run):
 
 
 def test_compressed_rows_are_finalised_at_window_start(tiny, monkeypatch):
-    """§5.4/§5.5: row k = RMSNorm(pooled) roped at r*k (the window's first token), then FP8 + f16
+    """Compressor and indexer rows: row k = RMSNorm(pooled) roped at r*k (the window's first token), then FP8 + f16
     (attention rows) or Hadamard + FP4 + f16 (indexer rows)."""
     config, w, _, _ = tiny
     pooled_log = []
@@ -361,7 +361,7 @@ def test_cached_rows_carry_the_qat_roundtrips(tiny, long_run):
                 np.testing.assert_array_equal(row, ref.f16_round(row))
 
 
-# -- §5.5 indexer ----------------------------------------------------------------------------------
+# -- Indexer ----------------------------------------------------------------------------------
 
 def test_indexer_select_rules():
     def boom():
@@ -409,7 +409,7 @@ def test_indexer_scores_formula(tiny):
     assert np.corrcoef(got, got_qat)[0, 1] > 0.95
 
 
-# -- §5.6 sinks, §5.7 output ---------------------------------------------------------------------
+# -- Sinks, output ---------------------------------------------------------------------
 
 def test_sink_softmax_weights():
     logits = np.array([0.3, -1.0, 2.0, 0.5])
@@ -459,7 +459,7 @@ def _rot(x, theta):
 
 @pytest.mark.parametrize("qat", [False, True])
 def test_raw_window_attention_transcription(tiny, qat):
-    """§5.1, §5.2, §5.6, §5.7 for a ratio-0 layer, written out directly."""
+    """Query, KV row, sink attention and grouped output for a ratio-0 layer, written out directly."""
     config, w, _, _ = tiny
     c, p = config, "blk.0."
     H, D, R = c.n_head, c.head_dim, c.n_rot
@@ -493,7 +493,7 @@ def test_raw_window_attention_transcription(tiny, qat):
 
 
 def test_ffn_transcription(tiny):
-    """§7 for a hash layer and a biased top-k layer, written out directly."""
+    """The MoE FFN for a hash layer and a biased top-k layer, written out directly."""
     config, w, _, _ = tiny
     model = ref.ReferenceModel(config, w)
     rng = np.random.default_rng(16)
@@ -516,7 +516,7 @@ def test_ffn_transcription(tiny):
         np.testing.assert_allclose(model._ffn(w, p, f, token, il), y, rtol=1e-10, atol=1e-12)
 
 
-# -- §7 MoE ------------------------------------------------------------------------------------------
+# -- MoE ------------------------------------------------------------------------------------------
 
 def test_router_hash_and_biased():
     rng = np.random.default_rng(12)
@@ -576,7 +576,7 @@ def test_decode_is_finite_and_deterministic(tiny):
     np.testing.assert_array_equal(h1, h2)
     assert l1.std(axis=1).min() > 0.1  # not degenerate
     assert not np.allclose(l1[0], l1[1])
-    # prefill = the same causal computation (§9): its last logits are the decode loop's
+    # prefill = the same causal computation (the forward doc's prefill): its last logits are the decode loop's
     pre = ref.ReferenceModel(config, w)
     np.testing.assert_array_equal(pre.prefill(toks), l1[-1])
     assert pre.pos == 80

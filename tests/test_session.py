@@ -198,7 +198,7 @@ def test_save_load_round_trip_and_refusals(engine, tmp_path, tiny_vocab):
 
 
 def test_payload_size_formula_matches_ds4():
-    """mtp-session doc §2.7: 52,184,460 bytes at 2048 tokens, +28,188,672 per 2048 more."""
+    """The saved payload of the mtp-session doc: 52,184,460 bytes at 2048 tokens, +28,188,672 per 2048 more."""
     c = ModelConfig()
     assert c.kv_payload_bytes(2048) == 52_184_460
     assert c.kv_payload_bytes(4096) - c.kv_payload_bytes(2048) == 28_188_672

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ds4.generate import generate, generate_speculative
+from ds4.decode import Speculative, generate
 from ds4.session import Engine, Sampler, Session
 from ds4.speculative import AdaptiveGate, SpecOptions, SpecStats, speculative_step
 
@@ -56,11 +56,9 @@ def replay(prompt, stream, errors=(), inject=None):
 
 
 def run(engine, prompt, opts, drafter=None, max_tokens=48, ctx=CTX, chunk=None):
-    stats = SpecStats()
     s = Session(engine, ctx, chunk)
-    g = generate_speculative(s, prompt, max_tokens, engine.tokenizer.eos_id, opts, stats, drafter=drafter,
-                             adaptive=False)
-    return g.generated, stats, s
+    g = generate(s, prompt, max_tokens, Speculative(opts, drafter), engine.tokenizer.eos_id)
+    return g.generated, g.spec, s
 
 
 @pytest.mark.parametrize("draft", [1, 2, 3, 4])
@@ -288,7 +286,6 @@ def test_speculation_resumes_after_a_loaded_session(engine, prompt, greedy, tmp_
     s.save(str(tmp_path / "s.ds4"))
     t = Session(engine, CTX)
     t.load(str(tmp_path / "s.ds4"))
-    stats = SpecStats()
-    out = generate_speculative(t, prompt, 12, engine.tokenizer.eos_id, SpecOptions(draft=2, margin=0), stats,
-                               drafter=None, adaptive=False).generated
+    g = generate(t, prompt, 12, Speculative(SpecOptions(draft=2, margin=0)), engine.tokenizer.eos_id)
+    out, stats = g.generated, g.spec
     assert out == greedy[:12] and stats.plain_steps >= 1 and stats.cycles > 0

@@ -3,7 +3,7 @@
 The real-vocab tests build our tokenizer the way a GGUF load does (tokenizer.json -> GGUF arrays ->
 `Tokenizer.from_vocab`) and require ids identical to HF `tokenizers` loading the same json. The
 official tokenizer recognises all 1,283 added tokens inside any text, so plain-text comparisons
-use it with its added tokens removed (ds4 §8.6: plain text is BPE'd verbatim), and rendered-chat
+use it with its added tokens removed (ds4: plain text is BPE'd verbatim), and rendered-chat
 comparisons use texts whose only added tokens are the seven chat specials.
 """
 
@@ -194,7 +194,7 @@ def test_rendered_matches_official(real, official, official_plain, text):
 
 
 def test_dsml_closing_tag_split(real):
-    """ds4 §8.6: `</｜DSML｜parameter>` = BPE("</") + ｜DSML｜ + BPE("parameter>")."""
+    """ds4 BPEs plain text verbatim: `</｜DSML｜parameter>` = BPE("</") + ｜DSML｜ + BPE("parameter>")."""
     tok, _ = real
     ids = tok.encode_rendered(f"</{DSML}parameter>")
     assert ids == tok.encode("</") + [tok.dsml_id] + tok.encode("parameter>")
@@ -296,7 +296,7 @@ def test_vocab_from_json_errors(tmp_path):
         vocab_from_hf_json(_tiny_json(tmp_path, [["a b", "c"]]))
 
 
-# --- construction errors and the §8.7 byte rule on a hand-made vocab -----------------------------
+# --- construction errors and the byte rule (invalid UTF-8 is U+FFFD) on a hand-made vocab -----------------------------
 
 
 def _hand_vocab(skip: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
