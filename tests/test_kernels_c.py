@@ -1,0 +1,207 @@
+"""The fused kernel bodies (ds4/kernels_metal/ds4_kernels.h) compiled for the CPU and run over
+the same thread grid the Metal and CUDA wrappers launch, against the MLX-op references.
+
+Tolerances: the gathered matvecs decode weights exactly but sum in their own order (per
+sub-block, then per block), so they are held to float32 rounding of the exact product:
+|y - y64| <= 2e-6 * sum|w x| (a float32 sum of n terms errs by ~n * 6e-8 of that at worst; the
+observed error is far smaller). HC post and the mixed input of HC pre sum in the reference's
+order and are bit-exact; the HC pre mix columns (a 16K-term RMS-normed dot) and Sinkhorn are
+held to 1e-5 relative. Row invariance is bitwise. Also here: the CUDA wrappers compiled with
+nvcc as MLX generates them, and the table entries and census stand-ins. Metal itself is not
+compiled on this machine: its bodies are the C++ ones checked here, under the Metal prelude.
+"""
+
+import io
+import re
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from ds4 import codecs, fused_kernels, kernels, kernels_c, quant
+from ds4.model import _hc_post_reference, _hc_pre_reference, _sinkhorn_reference
+
+GATHER_TYPES = (QT.IQ2_XXS, QT.Q2_K, QT.Q4_K)
+BODY = {QT.IQ2_XXS: "gather_matvec_iq2_xxs", QT.Q2_K: "gather_matvec_q2_k", QT.Q4_K: "gather_matvec_q4_k"}
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    if kernels_c.compiler() is None:
+        pytest.skip("no C++ compiler on PATH: the kernel bodies cannot be built for the CPU")
+    return kernels_c.CKernels(tmp_path_factory.mktemp("ds4_kernels_c"))
+
+
+def expert_blocks(qtype, n_expert, n_out, n_in, seed):
+    rng = np.random.default_rng(seed)
+    nb = n_expert * n_out * n_in // 256
+    return codecs.random_blocks(rng, qtype, nb, 0.05).reshape(n_expert, n_out, -1)
+
+
+def run_gather(ck, qtype, x, blocks, ids, pad=0):
+    """The C body over the grid (plus `pad` idle threads, as CUDA rounds the grid up); returns
+    y [M, k, n_out] and the NaN-filled tail past it."""
+    inputs, n, shape = fused_kernels.gather_inputs(qtype.name, mx.array(x), mx.array(blocks), mx.array(ids))
+    (flat,) = ck.run(BODY[qtype], [np.array(a) for a in inputs], n + pad, [(n + pad + 3,)])
+    return flat[:n].reshape(shape), flat[n:]
+
+
+@pytest.mark.parametrize("qtype", GATHER_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 2, 5, 17])
+@pytest.mark.parametrize("per_expert_x", [False, True])
+def test_gather_matvec_matches_reference(ck, qtype, M, per_expert_x):
+    n_expert, n_out, n_in, k = 5, 7, 256 * 3, 3
+    blocks = expert_blocks(qtype, n_expert, n_out, n_in, seed=M)
+    rng = np.random.default_rng(100 + M)
+    ids = rng.integers(0, n_expert, size=(M, k))
+    ids[-1, :2] = ids[0, 0]  # repeated experts, within a row and across rows
+    x = rng.standard_normal((M, k, n_in) if per_expert_x else (M, n_in)).astype(np.float32)
+    ids = ids.astype(np.int32 if per_expert_x else np.uint32)  # routers hand over either
+
+    y, tail = run_gather(ck, qtype, x, blocks, ids, pad=5)
+    assert np.isnan(tail).all(), "a padding thread wrote past the output"
+    assert np.isfinite(y).all(), "an output element was not written"
+
+    w = codecs.dequantize(blocks, qtype).astype(np.float64)[ids]  # [M, k, n_out, n_in], exact weights
+    xs = (x if per_expert_x else np.broadcast_to(x[:, None], (M, k, n_in))).astype(np.float64)
+    exact = np.einsum("mkoi,mki->mko", w, xs)
+    bound = 2e-6 * np.einsum("mkoi,mki->mko", np.abs(w), np.abs(xs))
+    assert (np.abs(y - exact) <= bound).all()
+
+    experts = quant.QuantExperts(blocks, qtype, (n_expert, n_out, n_in))
+    ref = np.array(kernels.reference("gather_matmul", qtype.name)(experts, mx.array(x), mx.array(ids)))
+    assert (np.abs(y - ref) <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("qtype", GATHER_TYPES, ids=lambda t: t.name)
+def test_gather_matvec_is_row_invariant(ck, qtype):
+    """Row m of a 17-row call is bitwise the 1-row call on row m (verify == decode)."""
+    M, n_expert, n_out, n_in, k = 17, 6, 5, 512, 4
+    blocks = expert_blocks(qtype, n_expert, n_out, n_in, seed=7)
+    rng = np.random.default_rng(8)
+    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(M)]).astype(np.uint32)
+    x = rng.standard_normal((M, n_in)).astype(np.float32)
+    y, _ = run_gather(ck, qtype, x, blocks, ids)
+    for m in range(M):
+        alone, _ = run_gather(ck, qtype, x[m:m + 1], blocks, ids[m:m + 1])
+        assert np.array_equal(alone[0].view(np.uint32), y[m].view(np.uint32)), f"row {m}"
+
+
+def hc_case(T, M=4, E=320, seed=0, iters=20):
+    rng = np.random.default_rng(seed)
+    C = 2 * M + M * M
+    X = rng.standard_normal((T, M, E)).astype(np.float32)
+    fn16 = (rng.standard_normal((C, M * E)) * 0.02).astype(np.float16)
+    fn = quant.QuantWeight(fn16, QT.F16, (C, M * E))
+    scale = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    base = (rng.standard_normal(C) * 0.5).astype(np.float32)
+    config = SimpleNamespace(rms_eps=1e-6, hc_eps=1e-6, hc_sinkhorn_iters=iters)
+    return X, fn, scale, base, config
+
+
+def run_hc_pre(ck, X, fn, scale, base, config):
+    T, M, E = X.shape
+    C = 2 * M + M * M
+    eps = np.array([config.rms_eps, config.hc_eps], np.float32)
+    (mix,) = ck.run("hc_pre_mix", [X, np.array(fn.dense), scale, base, np.array([T, M, E]), eps], T * C + 3, [(T, C)])
+    outs = ck.run("hc_pre_apply", [X, mix, np.array([T, M, E, config.hc_sinkhorn_iters]), eps],
+                  T * (E + M + M * M) + 3, [(T, E), (T, M), (T, M, M)])
+    return mix, outs
+
+
+@pytest.mark.parametrize("T, iters", [(1, 20), (3, 20), (2, 3)])  # few iterations: far from converged
+def test_hc_pre_matches_reference(ck, T, iters):
+    X, fn, scale, base, config = hc_case(T, seed=T, iters=iters)
+    M = X.shape[1]
+    mix, (y, post, comb) = run_hc_pre(ck, X, fn, scale, base, config)
+    ref = [np.array(a) for a in _hc_pre_reference(mx.array(X), fn, mx.array(scale), mx.array(base), config)]
+    for got, want in zip((y, post, comb), ref, strict=True):
+        assert got.shape == want.shape and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # given the kernel's own mix columns, the mixed input sums in the reference's order: bit-exact
+    mixed = sum((mx.array(mix[:, m:m + 1]) * mx.array(X[:, m]) for m in range(1, M)),
+                mx.array(mix[:, 0:1]) * mx.array(X[:, 0]))
+    assert np.array_equal(np.array(mixed).view(np.uint32), y.view(np.uint32))
+    assert np.array_equal(post, mix[:, M:2 * M])
+    sink = np.array(_sinkhorn_reference(mx.array(mix[:, 2 * M:].reshape(T, M, M)), config.hc_sinkhorn_iters,
+                                        config.hc_eps))
+    np.testing.assert_allclose(comb, sink, rtol=2e-6, atol=1e-7)
+
+
+def test_hc_pre_is_row_invariant(ck):
+    X, fn, scale, base, config = hc_case(5, seed=9)
+    _, whole = run_hc_pre(ck, X, fn, scale, base, config)
+    for t in range(5):
+        _, alone = run_hc_pre(ck, X[t:t + 1], fn, scale, base, config)
+        for a, b in zip(alone, whole, strict=True):
+            assert np.array_equal(a[0].view(np.uint32), b[t].view(np.uint32))
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_hc_post_bit_exact(ck, T):
+    rng = np.random.default_rng(T)
+    M, E = 4, 300
+    out = rng.standard_normal((T, E)).astype(np.float32)
+    X = rng.standard_normal((T, M, E)).astype(np.float32)
+    post = rng.uniform(0, 2, (T, M)).astype(np.float32)
+    comb = rng.uniform(0, 1, (T, M, M)).astype(np.float32)
+    (got,) = ck.run("hc_post", [out, X, post, comb, np.array([T, M, E])], T * M * E + 7, [(T, M, E)])
+    want = np.array(_hc_post_reference(*(mx.array(a) for a in (out, X, post, comb))))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def mlx_like_cuda_source() -> str:
+    """Every body's CUDA wrapper as mx.fast.cuda_kernel generates it (mlx/backend/cuda/
+    custom_kernel.cpp: its default header, our header, then a __global__ function per kernel in
+    mlx::core::cu whose body is the wrapper source); MLX's device utils header, which is not
+    here, is replaced by the fixed-width integer types it provides."""
+    parts = ["#include <cstdint>", "#include <cooperative_groups.h>", fused_kernels.header(),
+             "namespace mlx::core::cu {", "namespace cg = cooperative_groups;"]
+    for spec in fused_kernels.SPECS.values():
+        params = [f"const {t}* {n}" for n, t in spec.inputs] + [f"float* {o}" for o in spec.outputs]
+        parts.append(f"__global__ void custom_kernel_ds4_{spec.name}(\n    " + ",\n    ".join(params) + ") {\n"
+                     + spec.call(fused_kernels.THREAD_INDEX["cuda"]) + "\n}\n")
+    parts.append("}  // namespace mlx::core::cu")
+    return "\n".join(parts)
+
+
+def test_cuda_wrappers_compile_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH: the CUDA wrappers are not compile-checked")
+    src = tmp_path / "ds4_kernels.cu"
+    src.write_text(mlx_like_cuda_source())
+    r = subprocess.run([nvcc, "-std=c++17", "-c", "-Werror", "all-warnings", str(src), "-o", str(tmp_path / "k.o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_table_entries_and_reference_override(monkeypatch):
+    for device in ("metal", "cuda"):
+        for qt in ("IQ2_XXS", "Q2_K"):
+            assert kernels.lookup("gather_matmul", qt, device) is fused_kernels.gather_matmul
+        assert kernels.lookup("hc_pre", None, device) is fused_kernels.hc_pre
+        assert kernels.lookup("hc_post", None, device) is fused_kernels.hc_post
+        assert kernels.lookup("gather_matmul", "Q4_K", device) is kernels.reference("gather_matmul", "Q4_K")
+    assert kernels.lookup("hc_pre", None, "cpu") is kernels.reference("hc_pre")
+    monkeypatch.setenv("DS4_KERNELS", "reference")
+    assert kernels.lookup("hc_post", None, "cuda") is kernels.reference("hc_post")
+
+
+def test_absent_backend_raises_and_census_stand_in_is_one_node():
+    X, fn, scale, base, config = hc_case(2)
+    args = (mx.array(X), fn, mx.array(scale), mx.array(base), config)
+    with kernels.as_device("cuda"):
+        with pytest.raises(RuntimeError, match="needs the cuda backend"):
+            kernels.lookup("hc_pre")(*args)
+        with fused_kernels.stand_ins():
+            y, post, comb = kernels.lookup("hc_pre")(*args)
+    assert (y.shape, post.shape, comb.shape) == ((2, 320), (2, 4), (2, 4, 4))
+    buf = io.StringIO()
+    mx.export_to_dot(buf, y, post, comb)
+    labels = re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue())
+    assert labels.count("Depends") == 2  # the two launches of HC pre
