@@ -16,15 +16,12 @@ Q4_K experts are held as MLX affine blocks (`mx.gather_qmm` is already one kerne
 so the GGUF blocks it reads are not kept on the device.
 
 While `kernels.as_device` picks a backend this machine lacks (the census counts a GPU's
-launches on the CPU), a kernel cannot be built; under `stand_ins()` each launch site is then a
-graph node of its own (`mx.depends` over the inputs, views for the outputs) that the census
-counts once, as it counts a `CustomKernel` node on the GPU. Its values are meaningless.
+launches on the CPU), a launch builds `kernels.stand_in` nodes under `kernels.stand_ins()` and
+fails otherwise.
 """
 
 from __future__ import annotations
 
-import contextvars
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -36,8 +33,6 @@ from ds4.quant import QuantWeight, _iq2_grid_bytes, _iq2_xxs_tables
 
 PRELUDE = kernels.KERNELS_METAL / "ds4_prelude.h"
 BODIES = kernels.KERNELS_METAL / "ds4_kernels.h"
-
-_STAND_INS = contextvars.ContextVar("ds4_fused_stand_ins", default=False)
 
 
 @dataclass(frozen=True)
@@ -93,34 +88,11 @@ def _built(name: str, device: str):
                 source=spec.call(THREAD_INDEX[device]), header=header())
 
 
-def _backend_present(device: str) -> bool:
-    if mx.default_device() == mx.cpu:
-        return False
-    return mx.metal.is_available() if device == "metal" else mx.cuda.is_available()
-
-
-@contextmanager
-def stand_ins(enabled: bool = True):
-    """While active, launches on an absent backend build census stand-ins instead of failing."""
-    token = _STAND_INS.set(enabled)
-    try:
-        yield
-    finally:
-        _STAND_INS.reset(token)
-
-
-def _stand_in(inputs: list[mx.array], output_shapes: list[tuple[int, ...]]) -> list[mx.array]:
-    seed = next(a for a in inputs if a.dtype == mx.float32).reshape(-1)[:1]
-    return mx.depends([mx.broadcast_to(seed, s) for s in output_shapes], inputs)
-
-
 def launch(name: str, inputs: list[mx.array], n_threads: int, output_shapes: list[tuple[int, ...]]) -> list[mx.array]:
     """Run body `name` over a grid of n_threads on the current backend (kernels.device_kind())."""
     device = kernels.device_kind()
-    if not _backend_present(device):
-        if _STAND_INS.get():
-            return _stand_in(inputs, output_shapes)
-        raise RuntimeError(f"fused kernel ds4_{name} needs the {device} backend, which this process lacks")
+    if not kernels.backend_present(device):
+        return kernels.stand_in(f"ds4_{name}", device, inputs, output_shapes)
     return _built(name, device)(
         inputs=inputs, grid=(n_threads, 1, 1), threadgroup=(min(THREADGROUP, n_threads), 1, 1),
         output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes))

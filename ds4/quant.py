@@ -264,6 +264,9 @@ def metal_dequant_iq2_xxs(blocks: mx.array, n_elems: int) -> mx.array:
     lead = blocks.shape[:-1]
     R = int(np.prod(lead)) if lead else 1
     n_threads = R * n_elems // 8
+    if not kernels.backend_present("metal"):
+        (out,) = kernels.stand_in("ds4_dequant_iq2_xxs", "metal", [blocks, _iq2_xxs_tables()[0]], [(R, n_elems)])
+        return out.reshape(*lead, n_elems)
     (out,) = _metal_dequant_iq2_xxs_kernel()(
         inputs=[blocks.reshape(-1), _iq2_grid_bytes(), _iq2_xxs_tables()[1]],
         grid=(n_threads, 1, 1),
