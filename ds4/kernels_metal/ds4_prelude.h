@@ -11,13 +11,14 @@
 
 #if defined(__METAL_VERSION__)
 #include <metal_stdlib>
+using namespace metal;
 #define DS4_DEV device
 #define DS4_FN inline
 inline float ds4_bits_f32(uint32_t u) { return as_type<float>(u); }
 inline float ds4_exp(float v) { return metal::exp(v); }
 inline float ds4_rsqrt(float v) { return metal::rsqrt(v); }
 #elif defined(__CUDACC__)
-#include <stdint.h>
+// uint8_t/uint32_t come from MLX's generated preamble (NVRTC has no system headers)
 #define DS4_DEV
 #define DS4_FN __device__ __forceinline__
 DS4_FN float ds4_bits_f32(uint32_t u) { return __uint_as_float(u); }
