@@ -6,6 +6,8 @@ MLX-op references:
     op              qtype     body (per thread)              reference
     gather_matmul   IQ2_XXS   ds4_gather_matvec_iq2_xxs      ds4.quant._gather_matmul_reference
     gather_matmul   Q2_K      ds4_gather_matvec_q2_k         ds4.quant._gather_matmul_reference
+    expert_swiglu   IQ2_XXS   ds4_gather_swiglu              ds4.moe._expert_swiglu_reference
+    expert_swiglu   Q2_K      ds4_gather_swiglu              ds4.moe._expert_swiglu_reference
     hc_pre          -         ds4_hc_pre_mix, ds4_hc_pre_apply   ds4.model._hc_pre_reference
     hc_post         -         ds4_hc_post                    ds4.model._hc_post_reference
 
@@ -27,9 +29,10 @@ from functools import cache
 
 import mlx.core as mx
 
-import ds4.model  # noqa: F401  (registers the hc_pre/hc_post references; it imports this module last)
+import ds4.model  # noqa: F401  (registers the references of hc_pre/hc_post and, through ds4.moe,
+#   expert_swiglu; ds4.model imports this module last)
 from ds4 import kernels
-from ds4.quant import QuantWeight, _iq2_grid_bytes, _iq2_xxs_tables
+from ds4.quant import QuantExperts, QuantWeight, _iq2_grid_bytes, _iq2_xxs_tables
 
 PRELUDE = kernels.KERNELS_METAL / "ds4_prelude.h"
 BODIES = kernels.KERNELS_METAL / "ds4_kernels.h"
@@ -60,6 +63,9 @@ SPECS = {
         KernelSpec("gather_matvec_iq2_xxs", _GATHER_IN + (("grid", "uint8_t"), ("ksigns", "uint8_t")), ("y",)),
         KernelSpec("gather_matvec_q2_k", _GATHER_IN, ("y",)),
         KernelSpec("gather_matvec_q4_k", _GATHER_IN, ("y",)),
+        KernelSpec("gather_swiglu", (("x", "float"), ("wg", "uint8_t"), ("wu", "uint8_t"), ("ids", "uint32_t"),
+                                     ("weight", "float"), ("dims", "uint32_t"), ("clamp", "float"),
+                                     ("grid", "uint8_t"), ("ksigns", "uint8_t")), ("mid",)),
         KernelSpec("hc_pre_mix", (("X", "float"), ("fn", "float"), ("scale", "float"), ("base", "float"),
                                   ("dims", "uint32_t"), ("eps", "float")), ("mix",)),
         KernelSpec("hc_pre_apply", (("X", "float"), ("mix", "float"), ("dims", "uint32_t"), ("eps", "float")),
@@ -139,6 +145,32 @@ def gather_matmul(w, x: mx.array, expert_ids: mx.array) -> mx.array:
     return launch(_GATHER_BODY[w.kind], inputs, n, [shape])[0]
 
 
+QTYPE_CODE = {"IQ2_XXS": 0, "Q2_K": 1, "Q4_K": 2}  # dims[5] of gather_swiglu
+
+
+def swiglu_inputs(kind: str, x: mx.array, gate_blocks: mx.array, up_blocks: mx.array, expert_ids: mx.array,
+                  weights: mx.array, clamp: float) -> tuple[list[mx.array], int, tuple]:
+    """(inputs, threads, output shape) of the route-weighted SwiGLU body: x [M, in], expert
+    blocks uint8 [n_expert, n_ff, row_bytes] each, expert_ids and weights [M, k]."""
+    M, k = expert_ids.shape
+    n_ff, n_in = gate_blocks.shape[1], x.shape[-1]
+    ids = expert_ids if expert_ids.dtype == mx.uint32 else expert_ids.astype(mx.uint32)
+    dims = _u32((M, k, n_in, n_ff, 1, QTYPE_CODE[kind]))
+    inputs = [x, gate_blocks, up_blocks, ids, weights, dims, _f32((clamp,)), _iq2_grid_bytes(), _iq2_xxs_tables()[1]]
+    return inputs, M * k * n_ff, (M, k, n_ff)
+
+
+def expert_swiglu(gate, up, f: mx.array, ids: mx.array, weights: mx.array, clamp: float) -> mx.array:
+    """Gate and up experts, SwiGLU and the route weight in one launch (one thread per output);
+    the reference unless both are GGUF-block experts of the same type and shape."""
+    if not (isinstance(up, QuantExperts) and up.qtype == gate.qtype and up.shape == gate.shape
+            and gate.blocks is not None and up.blocks is not None and f.ndim == 2):
+        return kernels.reference("expert_swiglu", gate.qtype.name)(gate, up, f, ids, weights, clamp)
+    f, weights = (a if a.dtype == mx.float32 else a.astype(mx.float32) for a in (f, weights))
+    inputs, n, shape = swiglu_inputs(gate.kind, f, gate.blocks, up.blocks, ids, weights, float(clamp))
+    return launch("gather_swiglu", inputs, n, [shape])[0]
+
+
 def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config) -> tuple[mx.array, mx.array, mx.array]:
     """HC pre in two launches (mix columns, then the mixed input with post gates and Sinkhorn);
     the reference for mix weights it cannot read as float32 (activation-quantized emulation)."""
@@ -161,5 +193,6 @@ def hc_post(out: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.ar
 for _device in ("metal", "cuda"):
     for _qt in ("IQ2_XXS", "Q2_K"):
         kernels.register("gather_matmul", _qt, _device, gather_matmul)
+        kernels.register("expert_swiglu", _qt, _device, expert_swiglu)
     kernels.register("hc_pre", None, _device, hc_pre)
     kernels.register("hc_post", None, _device, hc_post)

@@ -29,6 +29,7 @@ def kernel_checks() -> list[dict]:
 
     from ds4 import codecs, fused_kernels, kernels, quant
     from ds4.model import _hc_post_reference, _hc_pre_reference
+    from ds4.moe import _expert_swiglu_reference
 
     body = {"IQ2_XXS": "gather_matvec_iq2_xxs", "Q2_K": "gather_matvec_q2_k", "Q4_K": "gather_matvec_q4_k"}
     rng = np.random.default_rng(0)
@@ -67,6 +68,29 @@ def kernel_checks() -> list[dict]:
             record(f"gather {kind} out={n_out} in={n_in} M={M}", err <= 4e-6 and ref_err <= 8e-6 and invariant,
                    rel_err_vs_exact=err, rel_err_vs_reference=ref_err, row_invariant=invariant,
                    seconds=round(time.perf_counter() - t0, 3))
+
+    for kind in body:  # gate + up + SwiGLU + route weight in one launch, against the MLX ops
+        qtype = QT[kind]
+        for n_expert, n_ff, n_in, k, M in ((6, 7, 768, 3, 5), (8, 2048, 4096, 6, 1), (8, 2048, 4096, 6, 4)):
+            gb, ub = (codecs.random_blocks(rng, qtype, n_expert * n_ff * n_in // 256, 0.02).reshape(n_expert, n_ff, -1)
+                      for _ in range(2))
+            ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(M)]).astype(np.uint32)
+            x = rng.standard_normal((M, n_in)).astype(np.float32)
+            wts = rng.uniform(0.1, 1, (M, k)).astype(np.float32)
+            gate, up = (quant.QuantExperts(b, qtype, (n_expert, n_ff, n_in)) for b in (gb, ub))
+
+            def fused(rows):
+                inputs, n, shape = fused_kernels.swiglu_inputs(kind, mx.array(x[rows]), mx.array(gb), mx.array(ub),
+                                                               mx.array(ids[rows]), mx.array(wts[rows]), 1.0)
+                return np.array(fused_kernels.launch("gather_swiglu", inputs, n, [shape])[0])
+
+            y = fused(slice(None))
+            ref = np.array(_expert_swiglu_reference(gate, up, mx.array(x), mx.array(ids), mx.array(wts), 1.0))
+            err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+            invariant = all(np.array_equal(fused(slice(m, m + 1))[0].view(np.uint32), y[m].view(np.uint32))
+                            for m in range(M))
+            record(f"swiglu {kind} ff={n_ff} in={n_in} M={M}", err <= 2e-5 and invariant, rel_err=err,
+                   row_invariant=invariant)
 
     for T, E, iters in ((1, 4096, 20), (3, 4096, 20), (2, 320, 3)):
         M, C = 4, 24

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ds4 import codecs, fused_kernels, kernels, kernels_c, quant
 from ds4.model import _hc_post_reference, _hc_pre_reference, _sinkhorn_reference
+from ds4.moe import _expert_swiglu_reference
 
 GATHER_TYPES = (QT.IQ2_XXS, QT.Q2_K, QT.Q4_K)
 BODY = {QT.IQ2_XXS: "gather_matvec_iq2_xxs", QT.Q2_K: "gather_matvec_q2_k", QT.Q4_K: "gather_matvec_q4_k"}
@@ -89,6 +90,46 @@ def test_gather_matvec_is_row_invariant(ck, qtype):
     for m in range(M):
         alone, _ = run_gather(ck, qtype, x[m:m + 1], blocks, ids[m:m + 1])
         assert np.array_equal(alone[0].view(np.uint32), y[m].view(np.uint32)), f"row {m}"
+
+
+def run_swiglu(ck, qtype, x, gate_blocks, up_blocks, ids, weights, clamp):
+    inputs, n, shape = fused_kernels.swiglu_inputs(qtype.name, *(mx.array(a) for a in (x, gate_blocks, up_blocks, ids,
+                                                                                         weights)), clamp)
+    (flat,) = ck.run("gather_swiglu", [np.array(a) for a in inputs], n + 3, [(n + 3,)])
+    assert np.isnan(flat[n:]).all(), "a padding thread wrote past the output"
+    return flat[:n].reshape(shape)
+
+
+@pytest.mark.parametrize("qtype", GATHER_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 5, 17])
+def test_gather_swiglu_matches_reference(ck, qtype, M):
+    """Gate, up, SwiGLU and route weight in one body: against the MLX ops (with the clamp biting
+    on both sides), its gate/up products the matvec body's bit for bit, and row-invariant."""
+    n_expert, n_ff, n_in, k, clamp = 6, 7, 768, 3, 1.0
+    gate_blocks = expert_blocks(qtype, n_expert, n_ff, n_in, seed=M)
+    up_blocks = expert_blocks(qtype, n_expert, n_ff, n_in, seed=M + 50)
+    rng = np.random.default_rng(200 + M)
+    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(M)]).astype(np.uint32)
+    ids[-1, 0] = ids[0, 0]
+    x = rng.standard_normal((M, n_in)).astype(np.float32)
+    weights = rng.uniform(0.1, 1.0, (M, k)).astype(np.float32)
+    mid = run_swiglu(ck, qtype, x, gate_blocks, up_blocks, ids, weights, clamp)
+    assert np.isfinite(mid).all()
+
+    gate = quant.QuantExperts(gate_blocks, qtype, (n_expert, n_ff, n_in))
+    up = quant.QuantExperts(up_blocks, qtype, (n_expert, n_ff, n_in))
+    ref = np.array(_expert_swiglu_reference(gate, up, mx.array(x), mx.array(ids), mx.array(weights), clamp))
+    np.testing.assert_allclose(mid, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+    g, _ = run_gather(ck, qtype, x, gate_blocks, ids)
+    u, _ = run_gather(ck, qtype, x, up_blocks, ids)
+    assert (g > clamp).any() and (u < -clamp).any() and (u > clamp).any()  # the clamp is exercised
+    gc = np.minimum(g, np.float32(clamp))
+    same = gc * (np.float32(1) / (np.float32(1) + np.exp(-gc))) * np.clip(u, -clamp, clamp) * weights[..., None]
+    np.testing.assert_allclose(mid, same, rtol=1e-6, atol=1e-7)
+    for m in range(M):
+        alone = run_swiglu(ck, qtype, x[m:m + 1], gate_blocks, up_blocks, ids[m:m + 1], weights[m:m + 1], clamp)
+        assert np.array_equal(alone[0].view(np.uint32), mid[m].view(np.uint32)), f"row {m}"
 
 
 def hc_case(T, M=4, E=320, seed=0, iters=20):
@@ -184,6 +225,8 @@ def test_table_entries_and_reference_override(monkeypatch):
     for device in ("metal", "cuda"):
         for qt in ("IQ2_XXS", "Q2_K"):
             assert kernels.lookup("gather_matmul", qt, device) is fused_kernels.gather_matmul
+            assert kernels.lookup("expert_swiglu", qt, device) is fused_kernels.expert_swiglu
+        assert kernels.lookup("expert_swiglu", None, device) is kernels.reference("expert_swiglu", None)
         assert kernels.lookup("hc_pre", None, device) is fused_kernels.hc_pre
         assert kernels.lookup("hc_post", None, device) is fused_kernels.hc_post
         assert kernels.lookup("gather_matmul", "Q4_K", device) is kernels.reference("gather_matmul", "Q4_K")

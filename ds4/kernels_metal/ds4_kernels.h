@@ -30,6 +30,8 @@ DS4_FN float ds4_f16(uint32_t h) {
 
 DS4_FN float ds4_f16_at(DS4_DEV const uint8_t* b) { return ds4_f16(uint32_t(b[0]) | (uint32_t(b[1]) << 8)); }
 
+DS4_FN float ds4_sigmoid(float z) { return 1.0f / (1.0f + ds4_exp(-z)); }
+
 // ---------------------------------------------------------------------------------------------
 // One 256-element block dotted with x[0..255].
 
@@ -165,6 +167,45 @@ DS4_FN void ds4_gather_matvec_q4_k(uint32_t i, DS4_DEV const float* x, DS4_DEV c
     y[i] = acc;
 }
 
+// Route-weighted SwiGLU of the gate and up experts in one launch: one thread per (m, j, o)
+// computes both products exactly as the matvec bodies above do, then
+//   mid[m, j, o] = silu(min(g, clamp)) * clip(u, -clamp, clamp) * weight[m, j]
+//   x      float32 [M, n_in]             wg, wu  uint8 [n_expert, n_ff, row_bytes]
+//   ids    uint32 [M, k]                 weight  float32 [M, k]
+//   dims   uint32 {M, k, n_in, n_ff, 1, qtype}   (qtype: 0 IQ2_XXS, 1 Q2_K, 2 Q4_K)
+//   clamp  float32 {clamp}               mid     float32 [M, k, n_ff]
+
+DS4_FN float ds4_row_dot(uint32_t qtype, DS4_DEV const uint8_t* row, DS4_DEV const float* x, uint32_t n_blocks,
+                         DS4_DEV const uint8_t* grid, DS4_DEV const uint8_t* ksigns) {
+    float acc = 0.0f;
+    for (uint32_t blk = 0; blk < n_blocks; ++blk) {
+        if (qtype == 0)
+            acc += ds4_dot_iq2_xxs(row + 66 * blk, x + 256 * blk, grid, ksigns);
+        else if (qtype == 1)
+            acc += ds4_dot_q2_k(row + 84 * blk, x + 256 * blk);
+        else
+            acc += ds4_dot_q4_k(row + 144 * blk, x + 256 * blk);
+    }
+    return acc;
+}
+
+DS4_FN void ds4_gather_swiglu(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* wg,
+                              DS4_DEV const uint8_t* wu, DS4_DEV const uint32_t* ids, DS4_DEV const float* weight,
+                              DS4_DEV const uint32_t* dims, DS4_DEV const float* clamp, DS4_DEV const uint8_t* grid,
+                              DS4_DEV const uint8_t* ksigns, DS4_DEV float* mid) {
+    uint32_t qtype = dims[5];
+    uint32_t block_bytes = qtype == 0 ? 66 : (qtype == 1 ? 84 : 144);
+    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, block_bytes);
+    if (!p.live) return;
+    uint32_t n_blocks = dims[2] / 256;
+    float g = ds4_row_dot(qtype, wg + p.row_offset, x + p.x_offset, n_blocks, grid, ksigns);
+    float u = ds4_row_dot(qtype, wu + p.row_offset, x + p.x_offset, n_blocks, grid, ksigns);
+    float c = clamp[0];
+    g = g > c ? c : g;  // written so that a NaN passes through, as in mx.minimum / mx.clip
+    u = u > c ? c : (u < -c ? -c : u);
+    mid[i] = g * ds4_sigmoid(g) * u * weight[i / dims[3]];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hyper-connection pre, kernel 1 of 2: the mix columns. One thread per (token t, column c) of
 // the C = 2M + M*M columns: the RMS-normed streams dotted with fn[c], scaled, offset, and
@@ -175,8 +216,6 @@ DS4_FN void ds4_gather_matvec_q4_k(uint32_t i, DS4_DEV const float* x, DS4_DEV c
 // It is a kernel of its own because every element of the mixed input needs the pre gates, which
 // are reductions over all M*E inputs of the token: fusing them into kernel 2 would repeat those
 // reductions per element (or need a grid-wide barrier).
-
-DS4_FN float ds4_sigmoid(float z) { return 1.0f / (1.0f + ds4_exp(-z)); }
 
 DS4_FN void ds4_hc_pre_mix(uint32_t i, DS4_DEV const float* X, DS4_DEV const float* fn, DS4_DEV const float* scale,
                            DS4_DEV const float* base, DS4_DEV const uint32_t* dims, DS4_DEV const float* eps,
