@@ -248,3 +248,26 @@ def test_absent_backend_raises_and_census_stand_in_is_one_node():
     mx.export_to_dot(buf, y, post, comb)
     labels = re.findall(r'label ="([^"]+)", shape=rectangle', buf.getvalue())
     assert labels.count("Depends") == 2  # the two launches of HC pre
+
+
+def test_census_counts_each_launch_site_once():
+    """speed-bench/census.py: under --as cuda on the CPU, a compiled HC pre + HC post is three
+    custom-kernel sites and nothing else."""
+    import importlib.util
+    from pathlib import Path
+
+    from ds4.model import hc_post, hc_pre
+
+    path = Path(__file__).resolve().parents[1] / "speed-bench" / "census.py"
+    spec = importlib.util.spec_from_file_location("census", path)
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+    X, fn, scale, base, config = hc_case(2)
+    X, out = mx.array(X), mx.array(np.ones((2, 320), np.float32))
+
+    def step(X, out):
+        return hc_post(out, X, hc_pre(X, fn, mx.array(scale), mx.array(base), config))
+
+    with kernels.as_device("cuda"), kernels.stand_ins():
+        y = mx.compile(step)(X, out)
+    assert census.kernel_counts([y]) == {"custom kernel": 3}
