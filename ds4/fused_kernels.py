@@ -10,6 +10,10 @@ MLX-op references:
     expert_swiglu   Q2_K      ds4_gather_swiglu              ds4.moe._expert_swiglu_reference
     hc_pre          -         ds4_hc_pre_mix, ds4_hc_pre_apply   ds4.model._hc_pre_reference
     hc_post         -         ds4_hc_post                    ds4.model._hc_post_reference
+    dequant         IQ2_XXS, Q2_K, Q4_K   ds4_dequant_<type>  ds4.quant.dequantize
+
+Above MATVEC_MAX_ROWS rows (prefill chunks) the gathered products take their references, which
+decode each chosen expert once through the "dequant" entry and multiply with `mx.gather_mm`.
 
 A wrapper's source is only the body call with the thread index, so the CPU build of the same
 bodies (`ds4.kernels_c`, a C++ loop over the grid) checks their indexing and arithmetic in
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
+import numpy as np
 
 import ds4.model  # noqa: F401  (registers the references of hc_pre/hc_post and, through ds4.moe,
 #   expert_swiglu; ds4.model imports this module last)
@@ -60,6 +65,10 @@ _GATHER_IN = (("x", "float"), ("w", "uint8_t"), ("ids", "uint32_t"), ("dims", "u
 SPECS = {
     s.name: s
     for s in (
+        KernelSpec("dequant_iq2_xxs", (("blocks", "uint8_t"), ("grid", "uint8_t"), ("ksigns", "uint8_t"),
+                                       ("dims", "uint32_t")), ("out",)),
+        KernelSpec("dequant_q2_k", (("blocks", "uint8_t"), ("dims", "uint32_t")), ("out",)),
+        KernelSpec("dequant_q4_k", (("blocks", "uint8_t"), ("dims", "uint32_t")), ("out",)),
         KernelSpec("gather_matvec_iq2_xxs", _GATHER_IN + (("grid", "uint8_t"), ("ksigns", "uint8_t")), ("y",)),
         KernelSpec("gather_matvec_q2_k", _GATHER_IN, ("y",)),
         KernelSpec("gather_matvec_q4_k", _GATHER_IN, ("y",)),
@@ -121,6 +130,33 @@ def _f32(values: tuple[float, ...]) -> mx.array:
 # ---------------------------------------------------------------------------------------------
 # The ops.
 
+# Elements one dequant thread writes.
+DEQUANT_PER_THREAD = {"IQ2_XXS": 8, "Q2_K": 16, "Q4_K": 32}
+
+
+def dequant_inputs(kind: str, blocks: mx.array, n_elems: int) -> tuple[list[mx.array], int, tuple]:
+    """(inputs, threads, output shape) of the dequant body for GGUF rows uint8 [..., row_bytes]."""
+    R = int(np.prod(blocks.shape[:-1])) if blocks.ndim > 1 else 1
+    n = R * n_elems // DEQUANT_PER_THREAD[kind]
+    inputs = [blocks.reshape(-1)]
+    if kind == "IQ2_XXS":
+        inputs += [_iq2_grid_bytes(), _iq2_xxs_tables()[1]]
+    return inputs + [_u32((n,))], n, (R, n_elems)
+
+
+def dequant(kind: str):
+    """The dequant entry for quant type `kind`: rows uint8 [..., row_bytes] -> float32 [..., n]."""
+    def run(blocks: mx.array, n_elems: int) -> mx.array:
+        inputs, n, shape = dequant_inputs(kind, blocks, n_elems)
+        return launch(f"dequant_{kind.lower()}", inputs, n, [shape])[0].reshape(*blocks.shape[:-1], n_elems)
+    return run
+
+
+# Rows above which the gathered products decode each chosen expert once (dequant, then MLX's
+# gather_mm) instead of one thread per output re-decoding its weight row for every row: the
+# decode and verify widths (ds4.model.MAX_VERIFY_ROWS) keep the row-invariant matvec.
+MATVEC_MAX_ROWS = 17
+
 _GATHER_BODY = {"IQ2_XXS": "gather_matvec_iq2_xxs", "Q2_K": "gather_matvec_q2_k", "Q4_K": "gather_matvec_q4_k"}
 
 
@@ -141,6 +177,8 @@ def gather_inputs(kind: str, x: mx.array, blocks: mx.array, expert_ids: mx.array
 def gather_matmul(w, x: mx.array, expert_ids: mx.array) -> mx.array:
     """QuantExperts product y[m, j] = x[m] @ W[expert_ids[m, j]].T with the fused body: one
     thread per (row, slot, output), decoding the expert's blocks as it goes."""
+    if expert_ids.shape[0] > MATVEC_MAX_ROWS:
+        return kernels.reference("gather_matmul", w.kind)(w, x, expert_ids)  # dequant through the table
     inputs, n, shape = gather_inputs(w.kind, x, w.blocks, expert_ids)
     return launch(_GATHER_BODY[w.kind], inputs, n, [shape])[0]
 
@@ -164,7 +202,7 @@ def expert_swiglu(gate, up, f: mx.array, ids: mx.array, weights: mx.array, clamp
     """Gate and up experts, SwiGLU and the route weight in one launch (one thread per output);
     the reference unless both are GGUF-block experts of the same type and shape."""
     if not (isinstance(up, QuantExperts) and up.qtype == gate.qtype and up.shape == gate.shape
-            and gate.blocks is not None and up.blocks is not None and f.ndim == 2):
+            and gate.blocks is not None and up.blocks is not None and f.ndim == 2 and ids.shape[0] <= MATVEC_MAX_ROWS):
         return kernels.reference("expert_swiglu", gate.qtype.name)(gate, up, f, ids, weights, clamp)
     f, weights = (a if a.dtype == mx.float32 else a.astype(mx.float32) for a in (f, weights))
     inputs, n, shape = swiglu_inputs(gate.kind, f, gate.blocks, up.blocks, ids, weights, float(clamp))
@@ -191,6 +229,8 @@ def hc_post(out: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.ar
 
 
 for _device in ("metal", "cuda"):
+    for _qt in DEQUANT_PER_THREAD:
+        kernels.register("dequant", _qt, _device, dequant(_qt))
     for _qt in ("IQ2_XXS", "Q2_K"):
         kernels.register("gather_matmul", _qt, _device, gather_matmul)
         kernels.register("expert_swiglu", _qt, _device, expert_swiglu)

@@ -45,6 +45,13 @@ def kernel_checks() -> list[dict]:
         mx.eval(y)
         return np.array(y)
 
+    for kind in body:  # dequant: bit-exact, as on the CPU
+        qtype = QT[kind]
+        data = codecs.random_blocks(rng, qtype, 64 * 4096 // 256, 1.0).reshape(64, -1)
+        got = np.array(fused_kernels.dequant(kind)(mx.array(data), 4096))
+        want = np.array(quant.dequantize(mx.array(data), qtype, 4096))
+        record(f"dequant {kind} 64x4096", np.array_equal(got.view(np.uint32), want.view(np.uint32)))
+
     shapes = [(5, 7, 768, 3, M) for M in (1, 2, 5, 17)] + [(8, 2048, 4096, 6, 1), (8, 4096, 2048, 6, 4)]
     for kind in body:
         qtype = QT[kind]

@@ -52,6 +52,26 @@ def run_gather(ck, qtype, x, blocks, ids, pad=0):
 
 
 @pytest.mark.parametrize("qtype", GATHER_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("raw", [False, True], ids=["valid", "raw-bytes"])
+def test_dequant_bit_exact(ck, qtype, raw):
+    """The dequant bodies against the MLX-op decoders, float32 bits (NaN-aware: raw bytes give
+    NaN and inf scales)."""
+    rng = np.random.default_rng(3)
+    rows, n = 5, 768
+    if raw:
+        data = rng.integers(0, 256, (rows, codecs.row_bytes(qtype, n)), dtype=np.uint8)
+    else:
+        data = codecs.random_blocks(rng, qtype, rows * n // 256, 1.0).reshape(rows, -1)
+    inputs, threads, shape = fused_kernels.dequant_inputs(qtype.name, mx.array(data), n)
+    (flat,) = ck.run(f"dequant_{qtype.name.lower()}", [np.array(a) for a in inputs], threads + 5, [(rows * n + 40,)])
+    assert np.isnan(flat[rows * n:]).all(), "a padding thread wrote past the output"
+    got, want = flat[:rows * n].reshape(shape), np.array(quant.dequantize(mx.array(data), qtype, n))
+    nan = np.isnan(want)
+    assert np.array_equal(nan, np.isnan(got)) and (raw or not nan.any())
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize("qtype", GATHER_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("M", [1, 2, 5, 17])
 @pytest.mark.parametrize("per_expert_x", [False, True])
 def test_gather_matvec_matches_reference(ck, qtype, M, per_expert_x):
@@ -223,6 +243,8 @@ def test_cuda_wrappers_compile_with_nvcc(tmp_path):
 
 def test_table_entries_and_reference_override(monkeypatch):
     for device in ("metal", "cuda"):
+        for qt in ("IQ2_XXS", "Q2_K", "Q4_K"):
+            assert kernels.lookup("dequant", qt, device) is not kernels.reference("dequant", qt)
         for qt in ("IQ2_XXS", "Q2_K"):
             assert kernels.lookup("gather_matmul", qt, device) is fused_kernels.gather_matmul
             assert kernels.lookup("expert_swiglu", qt, device) is fused_kernels.expert_swiglu
@@ -271,3 +293,24 @@ def test_census_counts_each_launch_site_once():
     with kernels.as_device("cuda"), kernels.stand_ins():
         y = mx.compile(step)(X, out)
     assert census.kernel_counts([y]) == {"custom kernel": 3}
+
+
+def test_prefill_widths_decode_each_expert_once():
+    """Above the verify widths the fused gathered products take the dequant path: one dequant
+    launch and MLX's gather_mm, instead of re-decoding weight rows for every row."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "speed-bench" / "census.py"
+    spec = importlib.util.spec_from_file_location("census", path)
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+    blocks = expert_blocks(QT.Q2_K, 4, 8, 256, seed=1)
+    experts = quant.QuantExperts(blocks, QT.Q2_K, (4, 8, 256))
+    for M in (fused_kernels.MATVEC_MAX_ROWS, fused_kernels.MATVEC_MAX_ROWS + 1):
+        ids = mx.array(np.zeros((M, 2), np.uint32))
+        with kernels.as_device("cuda"), kernels.stand_ins():
+            y = experts.gather_matmul(mx.ones((M, 256)), ids)
+        counts = census.kernel_counts([y])
+        assert counts["custom kernel"] == 1
+        assert counts["GatherMM"] == (M > fused_kernels.MATVEC_MAX_ROWS)

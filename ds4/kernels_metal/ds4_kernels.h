@@ -107,6 +107,60 @@ DS4_FN float ds4_dot_q4_k(DS4_DEV const uint8_t* b, DS4_DEV const float* x) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dequantization to float32 rows (the large-M path: decode each chosen expert once, then one
+// matmul). Every product is exact in float32 and only the K types' final `- dmin * m` rounds,
+// once, as in the MLX-op decoders, so results are bit-exact (an FMA cannot change them either).
+//   blocks uint8 [n_blocks * block_bytes]   dims uint32 {threads}   out float32 [n_blocks * 256]
+
+// IQ2_XXS: one thread per 8-element sub-group (block * 32 + g * 4 + t).
+DS4_FN void ds4_dequant_iq2_xxs(uint32_t i, DS4_DEV const uint8_t* blocks, DS4_DEV const uint8_t* grid,
+                                DS4_DEV const uint8_t* ksigns, DS4_DEV const uint32_t* dims, DS4_DEV float* out) {
+    if (i >= dims[0]) return;
+    DS4_DEV const uint8_t* b = blocks + (i / 32) * 66;
+    uint32_t g = (i / 4) % 8, t = i % 4;
+    DS4_DEV const uint8_t* q = b + 2 + 8 * g;
+    uint32_t s = uint32_t(q[4]) | (uint32_t(q[5]) << 8) | (uint32_t(q[6]) << 16) | (uint32_t(q[7]) << 24);
+    float db = ds4_f16_at(b) * (0.5f + float(s >> 28)) * 0.25f;
+    uint32_t signs = ksigns[(s >> (7 * t)) & 127];
+    DS4_DEV const uint8_t* level = grid + 8 * uint32_t(q[t]);
+    for (uint32_t j = 0; j < 8; ++j) {
+        float w = db * float(level[j]);
+        out[i * 8 + j] = ((signs >> j) & 1) ? -w : w;
+    }
+}
+
+// Q2_K: one thread per 16-element sub-block sub = 8n + 2k + h (elements 128n + 32k + 16h + l).
+DS4_FN void ds4_dequant_q2_k(uint32_t i, DS4_DEV const uint8_t* blocks, DS4_DEV const uint32_t* dims,
+                             DS4_DEV float* out) {
+    if (i >= dims[0]) return;
+    DS4_DEV const uint8_t* b = blocks + (i / 16) * 84;
+    uint32_t sub = i % 16, n = sub / 8, k = (sub / 2) % 4, h = sub % 2;
+    float dl = ds4_f16_at(b + 80) * float(b[sub] & 15), ml = ds4_f16_at(b + 82) * float(b[sub] >> 4);
+    DS4_DEV float* o = out + (i / 16) * 256 + 128 * n + 32 * k + 16 * h;
+    for (uint32_t l = 0; l < 16; ++l) o[l] = dl * float((b[16 + 32 * n + 16 * h + l] >> (2 * k)) & 3) - ml;
+}
+
+// Q4_K: one thread per 32-element sub-block.
+DS4_FN void ds4_dequant_q4_k(uint32_t i, DS4_DEV const uint8_t* blocks, DS4_DEV const uint32_t* dims,
+                             DS4_DEV float* out) {
+    if (i >= dims[0]) return;
+    DS4_DEV const uint8_t* b = blocks + (i / 8) * 144;
+    DS4_DEV const uint8_t* s = b + 4;
+    uint32_t sub = i % 8, sc, m;
+    if (sub < 4) {
+        sc = s[sub] & 63;
+        m = s[sub + 4] & 63;
+    } else {
+        sc = (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
+        m = (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
+    }
+    float dl = ds4_f16_at(b) * float(sc), ml = ds4_f16_at(b + 2) * float(m);
+    DS4_DEV const uint8_t* qs = b + 16 + 32 * (sub / 2);
+    uint32_t shift = 4 * (sub % 2);
+    for (uint32_t l = 0; l < 32; ++l) out[i * 32 + l] = dl * float((qs[l] >> shift) & 15) - ml;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gathered-expert matvec: y[m, j, o] = x[m or (m, j)] . W[ids[m, j], o], one thread per output.
 //   x     float32 [M, kx, n_in] (kx = 1: one input shared by the row's experts; kx = k: one each)
 //   w     uint8 [n_expert, n_out, row_bytes]
