@@ -6,6 +6,8 @@
 // one output element over a fixed loop: no shared memory, no barriers, so a row's result is
 // the same whatever the number of rows (row invariance by construction). Grids may be padded
 // (CUDA rounds up to whole blocks), so each function checks i against its element count.
+// Offsets are 32-bit: an expert tensor's blocks and an output must stay under 4 GiB / 2^32
+// elements (DS4 Flash's largest, 256 Q4_K experts of 4096 x 2048, is 2.4 GB).
 //
 // Quant block layouts (GGML; see ds4/quant.py for the MLX-op decoders these are tested against):
 //   IQ2_XXS  66 B / 256: d f16 | 8 groups x (a0 a1 a2 a3 | u32 s)
