@@ -50,9 +50,9 @@ DS4_FN float ds4_dot_iq2_xxs(DS4_DEV const uint8_t* b, DS4_DEV const float* x, D
             uint32_t signs = ksigns[(s >> (7 * t)) & 127];
             DS4_DEV const uint8_t* level = grid + 8 * uint32_t(q[t]);
             DS4_DEV const float* xs = x + 32 * g + 8 * t;
-            for (uint32_t j = 0; j < 8; ++j) {
-                float w = float(level[j]);
-                part += ((signs >> j) & 1) ? -w * xs[j] : w * xs[j];
+            for (uint32_t j = 0; j < 8; ++j) {  // +-level exactly, without a branch
+                float w = float(level[j]) * (1.0f - 2.0f * float((signs >> j) & 1));
+                part += w * xs[j];
             }
         }
         sum += db * part;
