@@ -6,9 +6,10 @@ sub-block, then per block), so they are held to float32 rounding of the exact pr
 |y - y64| <= 2e-6 * sum|w x| (a float32 sum of n terms errs by ~n * 6e-8 of that at worst; the
 observed error is far smaller). HC post and the mixed input of HC pre sum in the reference's
 order and are bit-exact; the HC pre mix columns (a 16K-term RMS-normed dot) and Sinkhorn are
-held to 1e-5 relative. Row invariance is bitwise. Also here: the CUDA wrappers compiled with
-nvcc as MLX generates them, and the table entries and census stand-ins. Metal itself is not
-compiled on this machine: its bodies are the C++ ones checked here, under the Metal prelude.
+held to 1e-5 relative; dequant is bit-exact. Row invariance is bitwise. Also here: the CUDA
+wrappers compiled with nvcc as MLX generates them, the Metal wrappers and the Metal branch of the
+prelude parsed as C++ against a metal_stdlib shim (no Metal compiler here), the table entries and
+the census stand-ins.
 """
 
 import io
@@ -314,3 +315,42 @@ def test_prefill_widths_decode_each_expert_once():
         counts = census.kernel_counts([y])
         assert counts["custom kernel"] == 1
         assert counts["GatherMM"] == (M > fused_kernels.MATVEC_MAX_ROWS)
+
+
+METAL_SHIM = """// Stand-ins for what the Metal compiler provides, enough for a C++ syntax check of the Metal
+// branch of ds4_prelude.h and of wrappers shaped like mx.fast.metal_kernel's.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#define device
+#define kernel
+struct uint3 { uint32_t x, y, z; };
+namespace metal {
+inline float exp(float v) { return std::exp(v); }
+inline float rsqrt(float v) { return 1.0f / std::sqrt(v); }
+template <class T, class U> T as_type(U u) { T t; std::memcpy(&t, &u, sizeof t); return t; }
+}
+"""
+
+
+def test_metal_wrappers_parse_with_a_shim(tmp_path):
+    """The Metal branch of the prelude and every wrapper as mx.fast.metal_kernel lays it out
+    (buffers, then thread_position_in_grid), parsed as C++ against a shim of metal_stdlib. Not a
+    Metal compile: address spaces and Metal's own rules are checked only on a Mac."""
+    cxx = kernels_c.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    (tmp_path / "metal_stdlib").write_text(METAL_SHIM)
+    parts = ["#include <metal_stdlib>", "using namespace metal;", fused_kernels.header()]
+    for spec in fused_kernels.SPECS.values():
+        params = [f"const device {t}* {n} [[buffer({i})]]" for i, (n, t) in enumerate(spec.inputs)]
+        params += [f"device float* {o} [[buffer({len(spec.inputs) + i})]]" for i, o in enumerate(spec.outputs)]
+        params.append("uint3 thread_position_in_grid [[thread_position_in_grid]]")
+        parts.append(f"[[kernel]] void custom_kernel_ds4_{spec.name}(\n    " + ",\n    ".join(params) + ") {\n"
+                     + spec.call(fused_kernels.THREAD_INDEX["metal"]) + "\n}\n")
+    src = tmp_path / "ds4_kernels_metal.cpp"
+    src.write_text("\n".join(parts))
+    r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-D__METAL_VERSION__=310",
+                        f"-I{tmp_path}", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
