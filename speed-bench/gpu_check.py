@@ -203,33 +203,40 @@ def main() -> int:
         emulate_launches()
     report = {"device": kernels.device_kind() + (" (emulated by the C++ build)" if args.emulate else ""),
               "mlx": mx.__version__}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(final: bool) -> bool:
+        """Write the report as it stands (after each part, so a timeout keeps what was done)."""
+        checks = report.get("kernels", [])
+        ok = bool(checks) and all(c["ok"] for c in checks) and not any(k.endswith("_error") for k in report)
+        line = (f"gpu_check {'PASS' if ok else 'FAIL'}{'' if final else ' (slice pending)'} on {report['device']}:"
+                f" {sum(c['ok'] for c in checks)}/{len(checks)} kernel checks")
+        s = report.get("slice", {})
+        if s:
+            line += (f"; {s['model']} decode {s['fused_decode_ms']:.1f} ms fused vs {s['reference_decode_ms']:.1f} ms"
+                     f" reference (x{s['decode_speedup']:.2f}), verify4 {s['fused_verify4_ms']:.1f} vs"
+                     f" {s['reference_verify4_ms']:.1f} ms, prefill {s['fused_prefill_tps']:.0f} vs"
+                     f" {s['reference_prefill_tps']:.0f} t/s, max |dlogit| {s['max_abs_logit_diff_1']:.2e},"
+                     f" argmax agree {s['argmax_agree_1'] and s['argmax_agree_4']}")
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (out / "gpu_check.txt").write_text(line + "\n")
+        print(line, flush=True)
+        return ok
+
     try:
         report["kernels"] = kernel_checks()
     except Exception:
         report["kernels_error"] = traceback.format_exc()
         print(report["kernels_error"], flush=True)
     if args.model:
+        write(final=False)
         try:
             report["slice"] = slice_bench(args.model, args.prefill, args.steps)
         except Exception:
             report["slice_error"] = traceback.format_exc()
             print(report["slice_error"], flush=True)
-    checks = report.get("kernels", [])
-    ok = bool(checks) and all(c["ok"] for c in checks) and "kernels_error" not in report and "slice_error" not in report
-    s = report.get("slice", {})
-    line = (f"gpu_check {'PASS' if ok else 'FAIL'} on {report['device']}: {sum(c['ok'] for c in checks)}/{len(checks)}"
-            f" kernel checks")
-    if s:
-        line += (f"; {s['model']} decode {s['fused_decode_ms']:.1f} ms fused vs {s['reference_decode_ms']:.1f} ms"
-                 f" reference (x{s['decode_speedup']:.2f}), verify4 {s['fused_verify4_ms']:.1f} vs"
-                 f" {s['reference_verify4_ms']:.1f} ms, prefill {s['fused_prefill_tps']:.0f} vs"
-                 f" {s['reference_prefill_tps']:.0f} t/s, max |dlogit| {s['max_abs_logit_diff_1']:.2e},"
-                 f" argmax agree {s['argmax_agree_1'] and s['argmax_agree_4']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_check.txt").write_text(line + "\n")
-    print(line)
+    ok = write(final=True)
     return 0 if ok else 1
 
 
