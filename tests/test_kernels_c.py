@@ -354,3 +354,46 @@ def test_metal_wrappers_parse_with_a_shim(tmp_path):
     r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-D__METAL_VERSION__=310",
                         f"-I{tmp_path}", str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_model_steps_through_the_fused_entries(ck, tiny_paths, monkeypatch):
+    """The tiny model's prefill (20 rows: the dequant path), decode and 4-row verify with the
+    CUDA table entries, every launch run by the CPU build of its body: the wrappers' arguments,
+    shapes and fallbacks end to end, against the reference table."""
+    import collections
+
+    from ds4.loader import open_model
+    from ds4.model import Model
+    from ds4.numerics import Numerics
+
+    model = Model.load(open_model(str(tiny_paths[0])), Numerics(qat=False))  # plain weights: no fallbacks
+    calls = collections.Counter()
+
+    def launch(name, inputs, n_threads, output_shapes):
+        calls[name] += 1
+        return [mx.array(a) for a in ck.run(name, [np.array(a) for a in inputs], n_threads, output_shapes)]
+
+    monkeypatch.setattr(fused_kernels, "launch", launch)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, model.config.n_vocab, 24)]
+
+    def logits(device):
+        with kernels.as_device(device):
+            state = model.empty_state(256, 20)
+            out = model.step(tokens[:20], state, compiled=False)
+            mx.eval(out.arrays())
+            state.store.record(state.pos, tokens[:20])
+            rows = [out.logits]
+            for width in (1, 4):
+                rows.append(model.step(tokens[20:20 + width], out.state, all_logits=True, compiled=False).logits)
+            return [np.array(r) for r in rows]
+
+    want = logits("cpu")
+    assert not calls
+    got = logits("cuda")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * np.abs(w).max())  # seen: 1.6e-6
+        assert np.array_equal(g.argmax(-1), w.argmax(-1))
+    n_layer = model.config.n_layer
+    assert calls["hc_pre_mix"] == calls["hc_pre_apply"] == calls["hc_post"] == 2 * n_layer * 3
+    assert calls["gather_swiglu"] == calls["gather_matvec_q2_k"] == 2 * n_layer  # decode and verify
+    assert calls["dequant_iq2_xxs"] == 2 * n_layer and calls["dequant_q2_k"] == n_layer  # prefill
