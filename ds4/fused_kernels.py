@@ -209,10 +209,14 @@ def expert_swiglu(gate, up, f: mx.array, ids: mx.array, weights: mx.array, clamp
     return launch("gather_swiglu", inputs, n, [shape])[0]
 
 
+HC_MAX_STREAMS = 8  # DS4_HC_MAX in ds4_kernels.h: the Sinkhorn matrix a thread holds
+
+
 def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config) -> tuple[mx.array, mx.array, mx.array]:
     """HC pre in two launches (mix columns, then the mixed input with post gates and Sinkhorn);
-    the reference for mix weights it cannot read as float32 (activation-quantized emulation)."""
-    if not isinstance(fn, QuantWeight) or fn.dense is None:
+    the reference for mix weights it cannot read as float32 (activation-quantized emulation) or
+    more streams than a thread holds."""
+    if not isinstance(fn, QuantWeight) or fn.dense is None or X.shape[1] > HC_MAX_STREAMS:
         return kernels.reference("hc_pre")(X, fn, scale, base, config)
     T, M, E = X.shape
     C = 2 * M + M * M
