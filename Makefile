@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all bench quality oracle train clean
+.PHONY: install test test-all bench quality oracle train clean gpu-check gpu-check-keep gpu-check-prepare
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ train:
 		--mtp-distill-steps 300 --out build/train/stage2.safetensors
 	$(BIN)/ds4-train --resume build/train/stage2.safetensors --steps 0 --seed 3 --mtp-distill-steps 600 \
 		--out build/train/small.safetensors --export-dir build/train
+
+# Fused kernels on a CUDA machine (speed-bench/README.md, "GPU check"): prepare the wheels here,
+# then two runs there, the first carrying .whl/p1 (gpu-check-keep), the second .whl/p2 (gpu-check).
+gpu-check-prepare:
+	bash speed-bench/prepare_gpu_check.sh
+
+gpu-check-keep:
+	bash speed-bench/gpu_check.sh keep
+
+gpu-check:
+	bash speed-bench/gpu_check.sh run
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import os
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,7 @@ _FAST: dict[tuple[str, str | None, str], Callable] = {}
 _ROW_INVARIANT = contextvars.ContextVar("ds4_row_invariant", default=False)
 _DEVICE = contextvars.ContextVar("ds4_kernel_device", default=None)
 _REFERENCE_ONLY = contextvars.ContextVar("ds4_reference_only", default=False)
+_STAND_INS = contextvars.ContextVar("ds4_kernel_stand_ins", default=False)
 
 
 def device_kind() -> str:
@@ -115,6 +117,43 @@ def as_device(kind: str):
         yield
     finally:
         _DEVICE.reset(token)
+
+
+def backend_present(kind: str) -> bool:
+    """Whether custom kernels for `kind` ("metal" or "cuda") can be built and run here."""
+    if mx.default_device() == mx.cpu:
+        return False
+    return mx.metal.is_available() if kind == "metal" else kind == "cuda" and mx.cuda.is_available()
+
+
+@contextmanager
+def stand_ins(enabled: bool = True):
+    """While active, a custom-kernel launch for a backend this process lacks (under `as_device`)
+    builds `stand_in` nodes instead of failing: the census counts a GPU's launches this way."""
+    token = _STAND_INS.set(enabled)
+    try:
+        yield
+    finally:
+        _STAND_INS.reset(token)
+
+
+def stand_in(name: str, kind: str, inputs: list[mx.array], output_shapes: list[tuple[int, ...]]) -> list[mx.array]:
+    """What launching custom kernel `name` on backend `kind` gives without that backend: one
+    graph node (`mx.depends` over every input; the outputs are views of a float32 input, their
+    values meaningless) under `stand_ins()`, so the census counts the site once, as it counts a
+    `CustomKernel` node on the GPU; otherwise a RuntimeError."""
+    if not _STAND_INS.get():
+        raise RuntimeError(f"custom kernel {name} needs the {kind} backend, which this process lacks")
+    seed = next((a.reshape(-1)[:1] for a in inputs if a.dtype == mx.float32), None)
+    seed = _stand_in_zero() if seed is None else seed
+    return mx.depends([mx.broadcast_to(seed, s) for s in output_shapes], inputs)
+
+
+@cache
+def _stand_in_zero() -> mx.array:
+    zero = mx.zeros((1,), mx.float32)
+    mx.eval(zero)  # an evaluated array is a graph input, not a node the census would count
+    return zero
 
 
 @contextmanager

@@ -170,7 +170,12 @@ def _mix_streams(w: mx.array, X: mx.array) -> mx.array:
 
 def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig) -> HCMix:
     """Mix the M streams X [T, M, E] into one sublayer input, with Sinkhorn-normalised combine
-    weights for HC post."""
+    weights for HC post. Through the kernel table (op "hc_pre")."""
+    return HCMix(*kernels.lookup("hc_pre")(X, fn, scale, base, config))
+
+
+def _hc_pre_reference(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig):
+    """(y [T, E], post [T, M], comb [T, M, M]) with MLX ops."""
     T, M, E = X.shape
     eps = config.hc_eps
     # pre gates, post gates and combine logits in one elementwise pass over the 2M + M*M mix
@@ -178,7 +183,7 @@ def hc_pre(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig
     z = _normed_mix(X, fn, config.rms_eps) * (scale @ columns) + base
     gates = mx.where(is_gate, mx.sigmoid(z) * gate_mul + gate_add, z)
     comb = sinkhorn(gates[:, 2 * M:].reshape(T, M, M), config.hc_sinkhorn_iters, eps)
-    return HCMix(_mix_streams(gates[:, :M], X), gates[:, M:2 * M], comb)
+    return _mix_streams(gates[:, :M], X), gates[:, M:2 * M], comb
 
 
 @cache
@@ -202,9 +207,18 @@ def _normed_mix(X: mx.array, fn, eps: float) -> mx.array:
 
 
 def hc_post(out: mx.array, X: mx.array, mix: HCMix) -> mx.array:
-    """X'[j] = post_j * out + sum_i comb[i, j] * X[i]: the residual path of every sublayer."""
-    moved = _sum([mix.comb[:, i, :, None] * X[:, i:i + 1, :] for i in range(X.shape[1])])
-    return mix.post[:, :, None] * out[:, None, :] + moved
+    """X'[j] = post_j * out + sum_i comb[i, j] * X[i]: the residual path of every sublayer.
+    Through the kernel table (op "hc_post")."""
+    return kernels.lookup("hc_post")(out, X, mix.post, mix.comb)
+
+
+def _hc_post_reference(out: mx.array, X: mx.array, post: mx.array, comb: mx.array) -> mx.array:
+    moved = _sum([comb[:, i, :, None] * X[:, i:i + 1, :] for i in range(X.shape[1])])
+    return post[:, :, None] * out[:, None, :] + moved
+
+
+kernels.register_reference("hc_pre", _hc_pre_reference)
+kernels.register_reference("hc_post", _hc_post_reference)
 
 
 def hc_head(X: mx.array, fn, scale: mx.array, base: mx.array, config: ModelConfig) -> mx.array:
@@ -393,3 +407,7 @@ class Model:
         through it; it writes the state's row store like `step`."""
         out = self.step(tokens, state, all_logits, compiled=False)
         return out.logits, out.state, out.hidden
+
+
+# The fused Metal/CUDA entries register against the references above.
+import ds4.fused_kernels  # noqa: E402,F401

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ds4 import kernels
 from ds4.numerics import topk_lowest_index
+from ds4.quant import SUPPORTED, QuantExperts
 
 MIN_WEIGHT_SUM = 6.1035e-5  # ds4's floor on the sum of the selected probabilities
 
@@ -39,11 +41,27 @@ def swiglu(gate: mx.array, up: mx.array, clamp: float) -> mx.array:
     return gate * mx.sigmoid(gate) * mx.clip(up, -clamp, clamp)
 
 
+def expert_swiglu(gate, up, f: mx.array, ids: mx.array, weights: mx.array, clamp: float) -> mx.array:
+    """The route-weighted SwiGLU of each row's experts, [T, k, n_ff]: swiglu(f @ gate[e].T,
+    f @ up[e].T) * weight. Through the kernel table (op "expert_swiglu", keyed by the gate's quant
+    type; None for activation-quantized experts)."""
+    qtype = gate.qtype.name if isinstance(gate, QuantExperts) else None
+    return kernels.lookup("expert_swiglu", qtype)(gate, up, f, ids, weights, clamp)
+
+
+def _expert_swiglu_reference(gate, up, f: mx.array, ids: mx.array, weights: mx.array, clamp: float) -> mx.array:
+    mid = swiglu(gate.gather_matmul(f, ids), up.gather_matmul(f, ids), clamp)
+    return mid * weights[..., None]  # the route weight goes in before the down projection
+
+
+for _qtype in [None, *(t.name for t in SUPPORTED)]:
+    kernels.register_reference("expert_swiglu", _expert_swiglu_reference, _qtype)
+
+
 def moe(w, config, clamp: float, f: mx.array, tokens: mx.array) -> mx.array:
     """FFN output [T, E] for ffn-normed inputs f [T, E] of tokens [T]."""
     ids, weights = route(w, config, f, tokens)
-    mid = swiglu(w.ffn_gate_exps.gather_matmul(f, ids), w.ffn_up_exps.gather_matmul(f, ids), clamp)
-    mid = mid * weights[..., None]  # the route weight goes in before the down projection
+    mid = expert_swiglu(w.ffn_gate_exps, w.ffn_up_exps, f, ids, weights, clamp)
     routed = mx.sum(w.ffn_down_exps.gather_matmul(mid, ids), axis=1)
     shared = w.ffn_down_shexp(swiglu(w.ffn_gate_shexp(f), w.ffn_up_shexp(f), clamp))
     return routed + shared

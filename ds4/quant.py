@@ -237,46 +237,14 @@ def _transcode(data: np.ndarray, qtype: QT, n_in: int) -> tuple[mx.array, mx.arr
     return tuple(out)
 
 
-# ---------------------------------------------------------------------------
-# Metal: IQ2_XXS dequantization as a kernel (ds4/kernels_metal/dequant_iq2_xxs.metal).
-
-
-@cache
-def _metal_dequant_iq2_xxs_kernel():
-    source = (kernels.KERNELS_METAL / "dequant_iq2_xxs.metal").read_text()
-    return mx.fast.metal_kernel(
-        name="ds4_dequant_iq2_xxs",
-        input_names=["blocks", "iq2_grid", "ksigns"],
-        output_names=["out"],
-        source=source,
-    )
-
-
 @cache
 def _iq2_grid_bytes() -> mx.array:
-    """The IQ2_XXS grid as uint8 [256 * 8] (levels 8, 25, 43), for the Metal kernel."""
+    """The IQ2_XXS grid as uint8 [256 * 8] (levels 8, 25, 43), for the fused kernels."""
     return _iq2_xxs_tables()[0].reshape(-1).astype(mx.uint8)
-
-
-def metal_dequant_iq2_xxs(blocks: mx.array, n_elems: int) -> mx.array:
-    """IQ2_XXS rows uint8 [..., row_bytes] -> float32 [..., n_elems] with the Metal kernel (one
-    thread per 8-element sub-group)."""
-    lead = blocks.shape[:-1]
-    R = int(np.prod(lead)) if lead else 1
-    n_threads = R * n_elems // 8
-    (out,) = _metal_dequant_iq2_xxs_kernel()(
-        inputs=[blocks.reshape(-1), _iq2_grid_bytes(), _iq2_xxs_tables()[1]],
-        grid=(n_threads, 1, 1),
-        threadgroup=(min(256, n_threads), 1, 1),
-        output_shapes=[(R, n_elems)],
-        output_dtypes=[mx.float32],
-    )
-    return out.reshape(*lead, n_elems)
 
 
 for _qt in _DEQUANTIZERS:
     kernels.register_reference("dequant", lambda blocks, n, _qt=_qt: dequantize(blocks, _qt, n), _qt.name)
-kernels.register("dequant", "IQ2_XXS", "metal", metal_dequant_iq2_xxs)
 
 
 # ---------------------------------------------------------------------------

@@ -293,3 +293,7 @@ def cli(preset, out, mtp_out, seed, quant, experts, tokenizer, weights):
 
 def main(argv: list[str] | None = None) -> None:
     run_click(cli, argv, "ds4-synth")
+
+
+if __name__ == "__main__":
+    main()

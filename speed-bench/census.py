@@ -4,7 +4,10 @@
 A kernel is a node of the compiled graph that runs code on the device: each fused region
 (`Compiled...`) and each custom-kernel site counts once, as does every other primitive except
 views (slices, reshapes of contiguous arrays, broadcasts, transposes, dtype views), which move
-no data. On a GPU every kernel is a launch.
+no data. On a GPU every kernel is a launch. A custom kernel is a `CustomKernel` node on its
+backend; with `--as metal` or `--as cuda` on a machine without that backend it cannot be built,
+and each launch site is a `kernels.stand_in` node (a `Depends`, which nothing else in the step
+uses) instead, so the census counts the same sites either way.
 
 The total comes from the step as the engine runs it (one `mx.compile`d graph). The breakdown
 compiles each component of each layer on its own, with its inputs evaluated, so fusion across
@@ -28,7 +31,8 @@ import sys
 from pathlib import Path
 
 VIEWS = {"Slice", "Reshape", "Squeeze", "ExpandDims", "Broadcast", "Transpose", "StopGradient", "AsStrided",
-         "Depends", "Split", "BroadcastAxes", "Unflatten", "Flatten"}
+         "Split", "BroadcastAxes", "Unflatten", "Flatten"}
+CUSTOM_KERNEL = {"CustomKernel", "Depends"}  # a kernel on its backend, its census stand-in elsewhere
 COMPONENTS = ("hc_pre", "attention", "hc_post", "moe")
 
 
@@ -43,6 +47,8 @@ def kernel_counts(outputs) -> collections.Counter:
     for name in names:
         if name in VIEWS or name.startswith("View "):
             continue
+        if name in CUSTOM_KERNEL:
+            name = "custom kernel"
         counts["fused region" if name.startswith("Compiled") else name] += 1
     return counts
 
@@ -149,7 +155,7 @@ def main() -> None:
 
     from ds4 import kernels
 
-    with kernels.as_device(args.as_device) if args.as_device else nullcontext():
+    with kernels.as_device(args.as_device) if args.as_device else nullcontext(), kernels.stand_ins():
         model._compiled.clear()
         total = kernel_counts(model.step(step_tokens, state, all_logits=args.tokens > 1).arrays())
         parts = component_census(model, step_tokens, state)
@@ -167,7 +173,7 @@ def main() -> None:
     table = f" (kernel table as on {args.as_device})" if args.as_device else ""
     print(f"census: {Path(path).name}, {args.backend}{table}, {args.tokens}-row step at position {args.position}")
     print(f"kernels per step: {n_total} ({n_total / c.n_layer:.1f} per layer incl. head); "
-          f"fused regions {total['fused region']}")
+          f"fused regions {total['fused region']}, custom kernels {total['custom kernel']}")
     print("by primitive: " + ", ".join(f"{k} {v}" for k, v in total.most_common()))
     print(f"{'layer':>5} {'kind':>10} {'total':>6} " + " ".join(f"{n:>9}" for n in COMPONENTS))
     for row in per_layer:
