@@ -4,8 +4,8 @@ with `mx.fast.cuda_kernel`, and registered in the kernel table (`ds4.kernels`) b
 MLX-op references:
 
     op              qtype     body (per thread)              reference
-    gather_matmul   IQ2_XXS   ds4_gather_matvec_iq2_xxs      ds4.quant._gather_matmul_reference
-    gather_matmul   Q2_K      ds4_gather_matvec_q2_k         ds4.quant._gather_matmul_reference
+    gather_matmul   IQ2_XXS   ds4_gather_matvec              ds4.quant._gather_matmul_reference
+    gather_matmul   Q2_K      ds4_gather_matvec              ds4.quant._gather_matmul_reference
     expert_swiglu   IQ2_XXS   ds4_gather_swiglu              ds4.moe._expert_swiglu_reference
     expert_swiglu   Q2_K      ds4_gather_swiglu              ds4.moe._expert_swiglu_reference
     hc_pre          -         ds4_hc_pre_mix, ds4_hc_pre_apply   ds4.model._hc_pre_reference
@@ -17,7 +17,7 @@ decode each chosen expert once through the "dequant" entry and multiply with `mx
 
 A wrapper's source is only the body call with the thread index, so the CPU build of the same
 bodies (`ds4.kernels_c`, a C++ loop over the grid) checks their indexing and arithmetic in
-every test run. `ds4_gather_matvec_q4_k` is built and tested the same way but not registered:
+every test run. `ds4_gather_matvec` on Q4_K blocks is built and tested the same way but not registered:
 Q4_K experts are held as MLX affine blocks (`mx.gather_qmm` is already one kernel on them),
 so the GGUF blocks it reads are not kept on the device.
 
@@ -61,7 +61,6 @@ class KernelSpec:
         return f"{self.function}({args});"
 
 
-_GATHER_IN = (("x", "float"), ("w", "uint8_t"), ("ids", "uint32_t"), ("dims", "uint32_t"))
 SPECS = {
     s.name: s
     for s in (
@@ -69,9 +68,8 @@ SPECS = {
                                        ("dims", "uint32_t")), ("out",)),
         KernelSpec("dequant_q2_k", (("blocks", "uint8_t"), ("dims", "uint32_t")), ("out",)),
         KernelSpec("dequant_q4_k", (("blocks", "uint8_t"), ("dims", "uint32_t")), ("out",)),
-        KernelSpec("gather_matvec_iq2_xxs", _GATHER_IN + (("grid", "uint8_t"), ("ksigns", "uint8_t")), ("y",)),
-        KernelSpec("gather_matvec_q2_k", _GATHER_IN, ("y",)),
-        KernelSpec("gather_matvec_q4_k", _GATHER_IN, ("y",)),
+        KernelSpec("gather_matvec", (("x", "float"), ("w", "uint8_t"), ("ids", "uint32_t"), ("dims", "uint32_t"),
+                                     ("grid", "uint8_t"), ("ksigns", "uint8_t")), ("y",)),
         KernelSpec("gather_swiglu", (("x", "float"), ("wg", "uint8_t"), ("wu", "uint8_t"), ("ids", "uint32_t"),
                                      ("weight", "float"), ("dims", "uint32_t"), ("clamp", "float"),
                                      ("grid", "uint8_t"), ("ksigns", "uint8_t")), ("mid",)),
@@ -157,8 +155,7 @@ def dequant(kind: str):
 # decode and verify widths (ds4.model.MAX_VERIFY_ROWS) keep the row-invariant matvec.
 MATVEC_MAX_ROWS = 17
 
-_GATHER_BODY = {"IQ2_XXS": "gather_matvec_iq2_xxs", "Q2_K": "gather_matvec_q2_k", "Q4_K": "gather_matvec_q4_k"}
-
+QTYPE_CODE = {"IQ2_XXS": 0, "Q2_K": 1, "Q4_K": 2}  # dims[5] of gather_matvec and gather_swiglu
 
 def gather_inputs(kind: str, x: mx.array, blocks: mx.array, expert_ids: mx.array) -> tuple[list[mx.array], int, tuple]:
     """(inputs, threads, output shape) of the gathered matvec body for GGUF expert blocks
@@ -168,10 +165,8 @@ def gather_inputs(kind: str, x: mx.array, blocks: mx.array, expert_ids: mx.array
     x3 = x[:, None, :] if x.ndim == 2 else x
     n_in = x3.shape[-1]
     ids = expert_ids if expert_ids.dtype == mx.uint32 else expert_ids.astype(mx.uint32)
-    inputs = [x3, blocks, ids, _u32((M, k, n_in, n_out, x3.shape[1]))]
-    if kind == "IQ2_XXS":
-        inputs += [_iq2_grid_bytes(), _iq2_xxs_tables()[1]]
-    return inputs, M * k * n_out, (M, k, n_out)
+    dims = _u32((M, k, n_in, n_out, x3.shape[1], QTYPE_CODE[kind]))
+    return [x3, blocks, ids, dims, _iq2_grid_bytes(), _iq2_xxs_tables()[1]], M * k * n_out, (M, k, n_out)
 
 
 def gather_matmul(w, x: mx.array, expert_ids: mx.array) -> mx.array:
@@ -180,10 +175,7 @@ def gather_matmul(w, x: mx.array, expert_ids: mx.array) -> mx.array:
     if expert_ids.shape[0] > MATVEC_MAX_ROWS:
         return kernels.reference("gather_matmul", w.kind)(w, x, expert_ids)  # dequant through the table
     inputs, n, shape = gather_inputs(w.kind, x, w.blocks, expert_ids)
-    return launch(_GATHER_BODY[w.kind], inputs, n, [shape])[0]
-
-
-QTYPE_CODE = {"IQ2_XXS": 0, "Q2_K": 1, "Q4_K": 2}  # dims[5] of gather_swiglu
+    return launch("gather_matvec", inputs, n, [shape])[0]
 
 
 def swiglu_inputs(kind: str, x: mx.array, gate_blocks: mx.array, up_blocks: mx.array, expert_ids: mx.array,

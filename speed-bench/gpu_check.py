@@ -31,7 +31,7 @@ def kernel_checks() -> list[dict]:
     from ds4.model import _hc_post_reference, _hc_pre_reference
     from ds4.moe import _expert_swiglu_reference
 
-    body = {"IQ2_XXS": "gather_matvec_iq2_xxs", "Q2_K": "gather_matvec_q2_k", "Q4_K": "gather_matvec_q4_k"}
+    GATHER_KINDS = ("IQ2_XXS", "Q2_K", "Q4_K")
     rng = np.random.default_rng(0)
     results = []
 
@@ -41,11 +41,11 @@ def kernel_checks() -> list[dict]:
 
     def fused_gather(kind, x, blocks, ids):
         inputs, n, shape = fused_kernels.gather_inputs(kind, mx.array(x), mx.array(blocks), mx.array(ids))
-        y = fused_kernels.launch(body[kind], inputs, n, [shape])[0]
+        y = fused_kernels.launch("gather_matvec", inputs, n, [shape])[0]
         mx.eval(y)
         return np.array(y)
 
-    for kind in body:  # dequant: bit-exact, as on the CPU
+    for kind in GATHER_KINDS:  # dequant: bit-exact, as on the CPU
         qtype = QT[kind]
         data = codecs.random_blocks(rng, qtype, 64 * 4096 // 256, 1.0).reshape(64, -1)
         got = np.array(fused_kernels.dequant(kind)(mx.array(data), 4096))
@@ -53,7 +53,7 @@ def kernel_checks() -> list[dict]:
         record(f"dequant {kind} 64x4096", np.array_equal(got.view(np.uint32), want.view(np.uint32)))
 
     shapes = [(5, 7, 768, 3, M) for M in (1, 2, 5, 17)] + [(8, 2048, 4096, 6, 1), (8, 4096, 2048, 6, 4)]
-    for kind in body:
+    for kind in GATHER_KINDS:
         qtype = QT[kind]
         for n_expert, n_out, n_in, k, M in shapes:
             blocks = codecs.random_blocks(rng, qtype, n_expert * n_out * n_in // 256, 0.02).reshape(n_expert, n_out, -1)
@@ -76,7 +76,7 @@ def kernel_checks() -> list[dict]:
                    rel_err_vs_exact=err, rel_err_vs_reference=ref_err, row_invariant=invariant,
                    seconds=round(time.perf_counter() - t0, 3))
 
-    for kind in body:  # gate + up + SwiGLU + route weight in one launch, against the MLX ops
+    for kind in GATHER_KINDS:  # gate + up + SwiGLU + route weight in one launch, against the MLX ops
         qtype = QT[kind]
         for n_expert, n_ff, n_in, k, M in ((6, 7, 768, 3, 5), (8, 2048, 4096, 6, 1), (8, 2048, 4096, 6, 4)):
             gb, ub = (codecs.random_blocks(rng, qtype, n_expert * n_ff * n_in // 256, 0.02).reshape(n_expert, n_ff, -1)

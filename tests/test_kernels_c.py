@@ -28,7 +28,6 @@ from ds4.model import _hc_post_reference, _hc_pre_reference, _sinkhorn_reference
 from ds4.moe import _expert_swiglu_reference
 
 GATHER_TYPES = (QT.IQ2_XXS, QT.Q2_K, QT.Q4_K)
-BODY = {QT.IQ2_XXS: "gather_matvec_iq2_xxs", QT.Q2_K: "gather_matvec_q2_k", QT.Q4_K: "gather_matvec_q4_k"}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def run_gather(ck, qtype, x, blocks, ids, pad=0):
     """The C body over the grid (plus `pad` idle threads, as CUDA rounds the grid up); returns
     y [M, k, n_out] and the NaN-filled tail past it."""
     inputs, n, shape = fused_kernels.gather_inputs(qtype.name, mx.array(x), mx.array(blocks), mx.array(ids))
-    (flat,) = ck.run(BODY[qtype], [np.array(a) for a in inputs], n + pad, [(n + pad + 3,)])
+    (flat,) = ck.run("gather_matvec", [np.array(a) for a in inputs], n + pad, [(n + pad + 3,)])
     return flat[:n].reshape(shape), flat[n:]
 
 
@@ -395,5 +394,5 @@ def test_model_steps_through_the_fused_entries(ck, tiny_paths, monkeypatch):
         assert np.array_equal(g.argmax(-1), w.argmax(-1))
     n_layer = model.config.n_layer
     assert calls["hc_pre_mix"] == calls["hc_pre_apply"] == calls["hc_post"] == 2 * n_layer * 3
-    assert calls["gather_swiglu"] == calls["gather_matvec_q2_k"] == 2 * n_layer  # decode and verify
+    assert calls["gather_swiglu"] == calls["gather_matvec"] == 2 * n_layer  # decode and verify
     assert calls["dequant_iq2_xxs"] == 2 * n_layer and calls["dequant_q2_k"] == n_layer  # prefill

@@ -167,7 +167,8 @@ DS4_FN void ds4_dequant_q4_k(uint32_t i, DS4_DEV const uint8_t* blocks, DS4_DEV 
 //   x     float32 [M, kx, n_in] (kx = 1: one input shared by the row's experts; kx = k: one each)
 //   w     uint8 [n_expert, n_out, row_bytes]
 //   ids   uint32 [M, k]
-//   dims  uint32 {M, k, n_in, n_out, kx}
+//   dims  uint32 {M, k, n_in, n_out, kx, qtype}   (qtype: 0 IQ2_XXS, 1 Q2_K, 2 Q4_K)
+//   grid, ksigns  the IQ2_XXS tables (unread for the other types)
 //   y     float32 [M, k, n_out]
 
 struct ds4_gather_pos {
@@ -191,46 +192,12 @@ DS4_FN ds4_gather_pos ds4_gather_locate(uint32_t i, DS4_DEV const uint32_t* ids,
     return p;
 }
 
-DS4_FN void ds4_gather_matvec_iq2_xxs(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* w,
-                                      DS4_DEV const uint32_t* ids, DS4_DEV const uint32_t* dims,
-                                      DS4_DEV const uint8_t* grid, DS4_DEV const uint8_t* ksigns,
-                                      DS4_DEV float* y) {
-    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, 66);
-    if (!p.live) return;
-    float acc = 0.0f;
-    for (uint32_t blk = 0; blk < dims[2] / 256; ++blk)
-        acc += ds4_dot_iq2_xxs(w + p.row_offset + 66 * blk, x + p.x_offset + 256 * blk, grid, ksigns);
-    y[i] = acc;
+DS4_FN uint32_t ds4_block_bytes(uint32_t qtype) {
+    return qtype == 0 ? 66 : (qtype == 1 ? 84 : 144);
 }
 
-DS4_FN void ds4_gather_matvec_q2_k(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* w,
-                                   DS4_DEV const uint32_t* ids, DS4_DEV const uint32_t* dims, DS4_DEV float* y) {
-    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, 84);
-    if (!p.live) return;
-    float acc = 0.0f;
-    for (uint32_t blk = 0; blk < dims[2] / 256; ++blk)
-        acc += ds4_dot_q2_k(w + p.row_offset + 84 * blk, x + p.x_offset + 256 * blk);
-    y[i] = acc;
-}
-
-DS4_FN void ds4_gather_matvec_q4_k(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* w,
-                                   DS4_DEV const uint32_t* ids, DS4_DEV const uint32_t* dims, DS4_DEV float* y) {
-    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, 144);
-    if (!p.live) return;
-    float acc = 0.0f;
-    for (uint32_t blk = 0; blk < dims[2] / 256; ++blk)
-        acc += ds4_dot_q4_k(w + p.row_offset + 144 * blk, x + p.x_offset + 256 * blk);
-    y[i] = acc;
-}
-
-// Route-weighted SwiGLU of the gate and up experts in one launch: one thread per (m, j, o)
-// computes both products exactly as the matvec bodies above do, then
-//   mid[m, j, o] = silu(min(g, clamp)) * clip(u, -clamp, clamp) * weight[m, j]
-//   x      float32 [M, n_in]             wg, wu  uint8 [n_expert, n_ff, row_bytes]
-//   ids    uint32 [M, k]                 weight  float32 [M, k]
-//   dims   uint32 {M, k, n_in, n_ff, 1, qtype}   (qtype: 0 IQ2_XXS, 1 Q2_K, 2 Q4_K)
-//   clamp  float32 {clamp}               mid     float32 [M, k, n_ff]
-
+// One weight row times one input row, block after block (the fixed order every row of every
+// call uses: the row invariance).
 DS4_FN float ds4_row_dot(uint32_t qtype, DS4_DEV const uint8_t* row, DS4_DEV const float* x, uint32_t n_blocks,
                          DS4_DEV const uint8_t* grid, DS4_DEV const uint8_t* ksigns) {
     float acc = 0.0f;
@@ -245,13 +212,28 @@ DS4_FN float ds4_row_dot(uint32_t qtype, DS4_DEV const uint8_t* row, DS4_DEV con
     return acc;
 }
 
+DS4_FN void ds4_gather_matvec(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* w,
+                              DS4_DEV const uint32_t* ids, DS4_DEV const uint32_t* dims,
+                              DS4_DEV const uint8_t* grid, DS4_DEV const uint8_t* ksigns, DS4_DEV float* y) {
+    uint32_t qtype = dims[5];
+    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, ds4_block_bytes(qtype));
+    if (p.live) y[i] = ds4_row_dot(qtype, w + p.row_offset, x + p.x_offset, dims[2] / 256, grid, ksigns);
+}
+
+// Route-weighted SwiGLU of the gate and up experts in one launch: one thread per (m, j, o)
+// computes both products exactly as ds4_gather_matvec does, then
+//   mid[m, j, o] = silu(min(g, clamp)) * clip(u, -clamp, clamp) * weight[m, j]
+//   x      float32 [M, n_in]             wg, wu  uint8 [n_expert, n_ff, row_bytes]
+//   ids    uint32 [M, k]                 weight  float32 [M, k]
+//   dims   uint32 {M, k, n_in, n_ff, 1, qtype}   (qtype: 0 IQ2_XXS, 1 Q2_K, 2 Q4_K)
+//   clamp  float32 {clamp}               mid     float32 [M, k, n_ff]
+
 DS4_FN void ds4_gather_swiglu(uint32_t i, DS4_DEV const float* x, DS4_DEV const uint8_t* wg,
                               DS4_DEV const uint8_t* wu, DS4_DEV const uint32_t* ids, DS4_DEV const float* weight,
                               DS4_DEV const uint32_t* dims, DS4_DEV const float* clamp, DS4_DEV const uint8_t* grid,
                               DS4_DEV const uint8_t* ksigns, DS4_DEV float* mid) {
     uint32_t qtype = dims[5];
-    uint32_t block_bytes = qtype == 0 ? 66 : (qtype == 1 ? 84 : 144);
-    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, block_bytes);
+    ds4_gather_pos p = ds4_gather_locate(i, ids, dims, ds4_block_bytes(qtype));
     if (!p.live) return;
     uint32_t n_blocks = dims[2] / 256;
     float g = ds4_row_dot(qtype, wg + p.row_offset, x + p.x_offset, n_blocks, grid, ksigns);
