@@ -428,16 +428,32 @@ def _batch_index(batch: tuple[int, ...], shape: tuple[int, ...]) -> mx.array:
     return mx.broadcast_to(iota(int(np.prod(batch))).reshape(batch), shape)
 
 
+# (row, expert) pairs from which a call outside the row-invariant widths (a prefill chunk) runs
+# them sorted by expert: MLX then reads each expert's weights in one run (on the CPU, 1.7x faster
+# for 128 rows of 6 experts through gather_mm, the same bits), as mlx-lm's SwitchGLU does.
+SORT_MIN_PAIRS = 64
+
+
 def _gather_matmul_reference(w: QuantExperts, x: mx.array, expert_ids: mx.array) -> mx.array:
     x = x[:, None, None, :] if x.ndim == 2 else x[:, :, None, :]  # [M, 1 or k, 1, in]
     lhs = _batch_index(x.shape[:2], expert_ids.shape)
     if w.bits is not None:
-        y = mx.gather_qmm(x, w.w_q, w.scales, w.biases, lhs_indices=lhs, rhs_indices=expert_ids, transpose=True,
-                          group_size=GROUP_SIZE, bits=w.bits)
-        return y.squeeze(-2)
-    experts, slots = unique_experts(expert_ids, w.n_expert)
-    weights = w.dequantize(experts)  # [U, out, in]
-    return mx.gather_mm(x, weights.swapaxes(-1, -2), lhs_indices=lhs, rhs_indices=slots).squeeze(-2)
+        rhs = expert_ids
+
+        def product(lhs, rhs, sort):
+            return mx.gather_qmm(x, w.w_q, w.scales, w.biases, lhs_indices=lhs, rhs_indices=rhs, transpose=True,
+                                 group_size=GROUP_SIZE, bits=w.bits, sorted_indices=sort)
+    else:
+        experts, rhs = unique_experts(expert_ids, w.n_expert)
+        weights = w.dequantize(experts).swapaxes(-1, -2)  # [U, in, out]
+
+        def product(lhs, rhs, sort):
+            return mx.gather_mm(x, weights, lhs_indices=lhs, rhs_indices=rhs, sorted_indices=sort)
+    if kernels.rows_independent() or expert_ids.size < SORT_MIN_PAIRS:
+        return product(lhs, rhs, False).squeeze(-2)
+    order = mx.argsort(rhs.reshape(-1))
+    y = product(lhs.reshape(-1)[order], rhs.reshape(-1)[order], True)  # [M * k, 1, out], by expert
+    return y.squeeze(-2)[mx.argsort(order)].reshape(*expert_ids.shape, -1)
 
 
 for _qt in SUPPORTED:

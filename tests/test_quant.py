@@ -169,6 +169,28 @@ def test_expert_gather_matmul(qtype, M, per_expert_x):
             assert_matmul_close(y[m, j][None], xm[None], w_ref[ids[m, j]])
 
 
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("per_expert_x", [False, True])
+def test_prefill_sized_gather_sorts_by_expert_with_the_same_bits(qtype, per_expert_x):
+    """A prefill-sized call (outside the row-invariant widths, >= SORT_MIN_PAIRS pairs) runs its
+    (row, expert) pairs sorted by expert and puts them back in place: on the CPU each pair is
+    still its own product, so the result is bitwise the unsorted, row-invariant one."""
+    from ds4 import kernels
+    rng = np.random.default_rng(18)
+    n_expert, out_dim, in_dim, k, M = 8, 16, 256, 3, 30
+    assert M * k >= quant.SORT_MIN_PAIRS
+    data = random_rows(rng, qtype, n_expert * out_dim, in_dim).reshape(n_expert, out_dim, -1)
+    experts = quant.QuantExperts(weight_data(qtype, data, in_dim), qtype, (n_expert, out_dim, in_dim))
+    ids = mx.array(np.stack([rng.permutation(n_expert)[:k] for _ in range(M)]).astype(np.int32))
+    x = mx.array(rng.standard_normal((M, k, in_dim) if per_expert_x else (M, in_dim)).astype(np.float32))
+    reference = kernels.reference("gather_matmul", qtype.name)
+    sorted_pairs = np.array(reference(experts, x, ids))
+    with kernels.row_invariant():
+        in_order = np.array(reference(experts, x, ids))
+    assert sorted_pairs.shape == (M, k, out_dim)
+    assert np.array_equal(sorted_pairs, in_order)
+
+
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
 def test_expert_dequantize_is_exact(qtype):
     rng = np.random.default_rng(17)
