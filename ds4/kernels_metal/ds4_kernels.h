@@ -81,20 +81,21 @@ DS4_FN float ds4_dot_q2_k(DS4_DEV const uint8_t* b, DS4_DEV const float* x) {
     return sum;
 }
 
+// Q4_K's 6-bit (scale, min) of sub-block `sub` from its 12 scale bytes, as scale | min << 8:
+//   bytes 0..3 hh SSSSSS (sc 0..3, top bits of sc 4..7), 4..7 hh MMMMMM (m 0..3, top bits of
+//   m 4..7), 8..11 mmmm ssss (low bits of m and sc 4..7).
+DS4_FN uint32_t ds4_q4_k_scale_min(DS4_DEV const uint8_t* s, uint32_t sub) {
+    if (sub < 4) return (s[sub] & 63) | ((s[sub + 4] & 63) << 8);
+    return ((s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4)) | (((s[sub + 4] >> 4) | ((s[sub] >> 6) << 4)) << 8);
+}
+
 // Q4_K: 8 sub-blocks of 32 with 6-bit (scale, min); qs[32i + l] holds element 64i + l in the
 // low nibble and 64i + 32 + l in the high one; w = d * sc * q - dmin * m.
 DS4_FN float ds4_dot_q4_k(DS4_DEV const uint8_t* b, DS4_DEV const float* x) {
     float d = ds4_f16_at(b), dmin = ds4_f16_at(b + 2), sum = 0.0f;
     DS4_DEV const uint8_t* s = b + 4;
     for (uint32_t sub = 0; sub < 8; ++sub) {
-        uint32_t sc, m;
-        if (sub < 4) {
-            sc = s[sub] & 63;
-            m = s[sub + 4] & 63;
-        } else {
-            sc = (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
-            m = (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
-        }
+        uint32_t sm = ds4_q4_k_scale_min(s, sub), sc = sm & 255, m = sm >> 8;
         DS4_DEV const uint8_t* qs = b + 16 + 32 * (sub / 2);
         uint32_t shift = 4 * (sub % 2);
         float qx = 0.0f, sx = 0.0f;
@@ -148,14 +149,7 @@ DS4_FN void ds4_dequant_q4_k(uint32_t i, DS4_DEV const uint8_t* blocks, DS4_DEV 
     if (i >= dims[0]) return;
     DS4_DEV const uint8_t* b = blocks + (i / 8) * 144;
     DS4_DEV const uint8_t* s = b + 4;
-    uint32_t sub = i % 8, sc, m;
-    if (sub < 4) {
-        sc = s[sub] & 63;
-        m = s[sub + 4] & 63;
-    } else {
-        sc = (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
-        m = (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
-    }
+    uint32_t sub = i % 8, sm = ds4_q4_k_scale_min(s, sub), sc = sm & 255, m = sm >> 8;
     float dl = ds4_f16_at(b) * float(sc), ml = ds4_f16_at(b + 2) * float(m);
     DS4_DEV const uint8_t* qs = b + 16 + 32 * (sub / 2);
     uint32_t shift = 4 * (sub % 2);
