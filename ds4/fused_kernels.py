@@ -157,6 +157,11 @@ MATVEC_MAX_ROWS = 17
 
 QTYPE_CODE = {"IQ2_XXS": 0, "Q2_K": 1, "Q4_K": 2}  # dims[5] of gather_matvec and gather_swiglu
 
+
+def _expert_ids(expert_ids: mx.array) -> mx.array:
+    """Routed expert ids as the bodies read them (routers hand over int32 or uint32)."""
+    return expert_ids if expert_ids.dtype == mx.uint32 else expert_ids.astype(mx.uint32)
+
 def gather_inputs(kind: str, x: mx.array, blocks: mx.array, expert_ids: mx.array) -> tuple[list[mx.array], int, tuple]:
     """(inputs, threads, output shape) of the gathered matvec body for GGUF expert blocks
     uint8 [n_expert, n_out, row_bytes], x [M, in] or [M, k, in], expert_ids [M, k]."""
@@ -164,9 +169,9 @@ def gather_inputs(kind: str, x: mx.array, blocks: mx.array, expert_ids: mx.array
     n_out = blocks.shape[1]
     x3 = x[:, None, :] if x.ndim == 2 else x
     n_in = x3.shape[-1]
-    ids = expert_ids if expert_ids.dtype == mx.uint32 else expert_ids.astype(mx.uint32)
     dims = _u32((M, k, n_in, n_out, x3.shape[1], QTYPE_CODE[kind]))
-    return [x3, blocks, ids, dims, _iq2_grid_bytes(), _iq2_xxs_tables()[1]], M * k * n_out, (M, k, n_out)
+    inputs = [x3, blocks, _expert_ids(expert_ids), dims, _iq2_grid_bytes(), _iq2_xxs_tables()[1]]
+    return inputs, M * k * n_out, (M, k, n_out)
 
 
 def gather_matmul(w, x: mx.array, expert_ids: mx.array) -> mx.array:
@@ -184,9 +189,9 @@ def swiglu_inputs(kind: str, x: mx.array, gate_blocks: mx.array, up_blocks: mx.a
     blocks uint8 [n_expert, n_ff, row_bytes] each, expert_ids and weights [M, k]."""
     M, k = expert_ids.shape
     n_ff, n_in = gate_blocks.shape[1], x.shape[-1]
-    ids = expert_ids if expert_ids.dtype == mx.uint32 else expert_ids.astype(mx.uint32)
     dims = _u32((M, k, n_in, n_ff, 1, QTYPE_CODE[kind]))
-    inputs = [x, gate_blocks, up_blocks, ids, weights, dims, _f32((clamp,)), _iq2_grid_bytes(), _iq2_xxs_tables()[1]]
+    inputs = [x, gate_blocks, up_blocks, _expert_ids(expert_ids), weights, dims, _f32((clamp,)), _iq2_grid_bytes(),
+              _iq2_xxs_tables()[1]]
     return inputs, M * k * n_ff, (M, k, n_ff)
 
 
