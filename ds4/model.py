@@ -30,7 +30,7 @@ from ds4.config import LayerKind, ModelConfig
 from ds4.layout import TensorSpec, base_optional_specs, base_tensor_specs
 from ds4.loader import ModelFile
 from ds4.moe import moe
-from ds4.numerics import Numerics, iota, rms_norm
+from ds4.numerics import Numerics, rms_norm
 from ds4.quant import ActQuantized, QuantExperts, QuantWeight
 from ds4.rope import table_positions
 from ds4.state import Frontier, LayerState, RowStore, StepState

@@ -3,7 +3,6 @@ and rewinds restore real states, saved sessions refuse the wrong model or corrup
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import mlx.core as mx
